@@ -1,0 +1,174 @@
+"""What every quantization method shares: its name, its settings, its output, its protocol.
+
+A method is "data in, data out": it takes one float weight ``[out, in]`` (and, for GPTQ, the
+layer's input Hessian ``[in, in]``) and returns the tensors stored for that linear layer on disk,
+named relative to the module prefix. It knows nothing about files, models or calibration loops.
+The registry that maps a :class:`MethodName` to its class lives in ``mixtral_quant.quant``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from mixtral_quant.errors import ConfigError, MixtralQuantError
+
+
+class MethodName(str, Enum):
+    NF4 = "nf4"  # bitsandbytes NF4 (QLoRA), blockwise absmax, optional double quantization
+    INT8 = "int8"  # bitsandbytes LLM.int8(): int8 rows, absmax per output row, outlier matmul
+    W8 = "w8"  # weight-only symmetric int8, one scale per output channel
+    GPTQ = "gptq"  # GPTQ (Frantar et al. 2022), stored in the GPTQ v1 checkpoint layout
+    RTN = "rtn"  # round-to-nearest in the GPTQ layout: GPTQ's baseline and its fallback
+
+
+GPTQ_LAYOUT_METHODS = frozenset({MethodName.GPTQ, MethodName.RTN})
+
+# Bit widths each method can store.
+ALLOWED_BITS: dict[MethodName, frozenset[int]] = {
+    MethodName.GPTQ: frozenset({2, 3, 4, 8}),
+    MethodName.RTN: frozenset({2, 3, 4, 8}),
+    MethodName.NF4: frozenset({4}),
+    MethodName.INT8: frozenset({8}),
+    MethodName.W8: frozenset({8}),
+}
+NATIVE_BITS: dict[MethodName, int] = {
+    MethodName.GPTQ: 4,
+    MethodName.RTN: 4,
+    MethodName.NF4: 4,
+    MethodName.INT8: 8,
+    MethodName.W8: 8,
+}
+NF4_BLOCKSIZES = frozenset({32, 64, 128, 256, 512, 1024, 2048, 4096})
+GROUP_QUANTUM = 32  # group sizes are multiples of this (whole 3-bit packing runs)
+# Codes per packing run (see packing.LAYOUTS): the packed dimension must be a multiple.
+PACK_RUN = {2: 16, 3: 32, 4: 8, 8: 4}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Settings of one quantization method; validated on construction (ConfigError).
+
+    GPTQ names follow GPTQModel's quantize_config: ``act_order`` is ``desc_act``; with
+    ``static_groups`` the groups' scales and zeros are fixed from the unquantized weights before
+    the column sweep, so ``g_idx`` stays ``i // group_size`` even with act-order. ``damp_percent``
+    is the fraction of the mean Hessian diagonal added to it; with ``damp_auto_increase`` a
+    failed Cholesky multiplies it by 10, up to ``MAX_DAMP_RETRIES`` times.
+    """
+
+    method: MethodName
+    bits: int = 4
+    group_size: int = 128  # -1: one group spanning the whole input row
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = True
+    damp_percent: float = 0.01
+    damp_auto_increase: bool = True
+    lazy_block: int = 128
+    true_sequential: bool = True  # recorded in quantization_config; the driver's ordering
+    nf4_blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16  # bnb_4bit_compute_dtype in quantization_config
+    int8_threshold: float = 6.0  # LLM.int8() activation outlier threshold
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, MethodName):
+            choices = ", ".join(m.value for m in MethodName)
+            try:
+                object.__setattr__(self, "method", MethodName(self.method))
+            except ValueError:
+                raise ConfigError(f"unknown method {self.method!r}: choose one of {choices}") from None
+        allowed = ALLOWED_BITS[self.method]
+        if self.bits not in allowed:
+            raise ConfigError(
+                f"{self.method.value} cannot store {self.bits}-bit weights: bits must be one of {sorted(allowed)}"
+            )
+        if self.group_size != -1 and (self.group_size <= 0 or self.group_size % GROUP_QUANTUM):
+            raise ConfigError(
+                f"group_size {self.group_size} is invalid: use -1 or a positive multiple of {GROUP_QUANTUM}"
+            )
+        if not 0.0 < self.damp_percent < 1.0:
+            raise ConfigError(f"damp_percent {self.damp_percent} is invalid: it must lie in (0, 1)")
+        if self.lazy_block <= 0:
+            raise ConfigError(f"lazy_block {self.lazy_block} is invalid: it must be positive")
+        if self.nf4_blocksize not in NF4_BLOCKSIZES:
+            raise ConfigError(f"nf4_blocksize {self.nf4_blocksize} is invalid: use one of {sorted(NF4_BLOCKSIZES)}")
+        if self.compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ConfigError(f"compute_dtype {self.compute_dtype} is invalid: use float16, bfloat16 or float32")
+        if self.int8_threshold < 0.0:
+            raise ConfigError(f"int8_threshold {self.int8_threshold} is invalid: it must be >= 0")
+
+    @classmethod
+    def for_method(cls, method: MethodName, **overrides: Any) -> QuantConfig:
+        """A config with the method's native bit width (8 for int8/w8, 4 otherwise) unless overridden."""
+        overrides.setdefault("bits", NATIVE_BITS[MethodName(method)])
+        return cls(method=method, **overrides)
+
+    def group_size_for(self, in_features: int) -> int:
+        """The effective group size for a layer (``in_features`` when group_size is -1)."""
+        return in_features if self.group_size == -1 else self.group_size
+
+    def validate_shape(self, in_features: int, out_features: int) -> None:
+        """ConfigError when a ``[out_features, in_features]`` weight cannot be stored this way."""
+        if in_features <= 0 or out_features <= 0:
+            raise ConfigError(f"cannot quantize a weight of shape [{out_features}, {in_features}]")
+        if self.method not in GPTQ_LAYOUT_METHODS:
+            return
+        group = self.group_size_for(in_features)
+        if in_features % group:
+            raise ConfigError(f"group_size {group} does not divide in_features {in_features}: pick a divisor or -1")
+        run = PACK_RUN[self.bits]
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if size % run:
+                raise ConfigError(f"{name} {size} cannot be packed at {self.bits} bits: it must be a multiple of {run}")
+
+
+@dataclass
+class QuantResult:
+    """One quantized linear layer: stored tensors (names relative to the module prefix) and notes."""
+
+    tensors: dict[str, torch.Tensor]
+    info: dict[str, float | int | str] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """A quantization method: quantize, dequantize, and rebuild a runtime linear layer."""
+
+    config: QuantConfig
+    needs_hessian: bool
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
+        """``weight`` float ``[out, in]``; ``hessian`` float32 ``[in, in]`` (None unless needs_hessian)."""
+        ...
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The weight the stored tensors represent, float32 ``[out, in]``, on their device."""
+        ...
+
+    def tensor_names(self) -> list[str]:
+        """The names :meth:`quantize` stores, for strict loading."""
+        ...
+
+    def make_module(self, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int) -> nn.Module:
+        """A bias-free linear layer running on the stored tensors: ``x[..., in] -> x.dtype [..., out]``."""
+        ...
+
+    def quantization_config(self) -> dict[str, Any]:
+        """The ``quantization_config`` entry of config.json for a model stored this way."""
+        ...
+
+
+def check_weight(weight: torch.Tensor, config: QuantConfig) -> tuple[int, int]:
+    """(out_features, in_features) of a 2-D finite float weight this config can store."""
+    if weight.ndim != 2 or not weight.is_floating_point():
+        raise ConfigError(f"expected a 2-D float weight [out, in], got {weight.dtype} {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    config.validate_shape(in_features, out_features)
+    if not bool(torch.isfinite(weight).all()):
+        raise MixtralQuantError(f"weight [{out_features}, {in_features}] holds NaN or inf: check the checkpoint")
+    return out_features, in_features

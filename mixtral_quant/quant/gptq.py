@@ -1,0 +1,229 @@
+"""GPTQ maths: the input Hessian, the column sweep with lazy block updates, and round-to-nearest.
+
+Follows IST-DASLab ``gptq.py`` (Frantar et al., "GPTQ", 2022) and its descendants
+(AutoGPTQ, GPTQModel, llm-compressor ``quantize_weight``). Shapes: ``O`` output features,
+``I`` input features, ``G`` groups (``I / group_size``), ``T`` calibration tokens.
+
+Two choices beyond the reference, both so the stored checkpoint is exact:
+
+- scales are rounded to float16 before any code is chosen (the checkpoint stores fp16 scales),
+  so ``scales * (q - zero)`` from the returned tensors is bit-for-bit the stored weight;
+- asymmetric grids keep their zero point >= 1: the ``gptq`` v1 checkpoint stores ``zero - 1``
+  and every kernel adds 1 back without wrapping, so a zero of 0 cannot be stored. A group whose
+  minimum would round to zero 0 gets zero 1 and a scale stretched to keep its maximum.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from mixtral_quant.errors import MixtralQuantError
+from mixtral_quant.quant.base import QuantConfig
+
+MAX_DAMP_RETRIES = 4  # damping grows x10 per retry: 0.01 -> 100 times the mean diagonal at most
+_MIN_SCALE = float(torch.finfo(torch.float16).tiny)  # smallest normal fp16
+
+
+class HessianNotPositiveDefinite(MixtralQuantError):
+    """Cholesky of the damped Hessian failed at every damping tried."""
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum_t x_t x_t^T`` over calibration tokens, in float32.
+
+    ``n`` counts tokens (rows of ``x``), so experts that see different token counts get Hessians
+    on the same scale. The running-mean update (``H *= n/(n+m)`` before adding) follows the
+    reference and keeps the entries from growing with the token count.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+        self.in_features = in_features
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate inputs ``x [..., I]`` (any float dtype; flattened to ``[T, I]``)."""
+        if x.shape[-1] != self.in_features:
+            raise MixtralQuantError(f"Hessian input has {x.shape[-1]} features, expected {self.in_features}")
+        x = x.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
+        tokens = x.shape[0]
+        if tokens == 0:
+            return
+        total = self.count + tokens
+        self.hessian.mul_(self.count / total)
+        self.hessian.addmm_(x.t(), x, alpha=2.0 / total)
+        self.count = total
+
+
+class QuantizedWeight(NamedTuple):
+    """Integer codes and grid of one weight: ``W[o, i] ~ scales[g, o] * (qint[o, i] - zeros[g, o])``
+    with ``g = g_idx[i]``."""
+
+    qint: torch.Tensor  # int32 [O, I], in [0, 2**bits)
+    scales: torch.Tensor  # float32 [G, O], fp16-representable
+    zeros: torch.Tensor  # int32 [G, O], the true zero point
+    g_idx: torch.Tensor  # int32 [I]
+    info: dict[str, float | int | str]
+
+
+def group_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero (both float32 ``[...]``) of the min/max grid over the last dim of ``w``.
+
+    The reference ``Quantizer.find_params``: the range always includes 0; symmetric grids have
+    zero ``(maxq + 1) / 2``; an all-zero row gets range [-1, 1].
+    """
+    maxq = 2**bits - 1
+    xmin = w.amin(-1).clamp(max=0.0)
+    xmax = w.amax(-1).clamp(min=0.0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, -1.0, xmin)
+    xmax = torch.where(empty, 1.0, xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+        low = zero < 1  # not storable in gptq v1: move the zero to 1 and stretch the scale
+        scale = torch.where(low, xmax / (maxq - 1), scale)
+        zero = torch.where(low, 1.0, zero)
+    scale = scale.clamp(min=_MIN_SCALE).to(torch.float16).to(torch.float32)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``clamp(round(w / scale) + zero, 0, maxq)`` as float32 (scale/zero broadcast)."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_gptq(qint: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """float32 ``[O, I]`` weight from codes ``[O, I]``, scales/zeros ``[G, O]`` and ``g_idx [I]``."""
+    idx = g_idx.long()
+    s = scales.to(torch.float32)[idx].t()  # [O, I]
+    z = zeros.to(torch.float32)[idx].t()
+    return s * (qint.to(torch.float32) - z)
+
+
+def _mse(weight: torch.Tensor, qw: QuantizedWeight) -> float:
+    deq = dequantize_gptq(qw.qint, qw.scales, qw.zeros, qw.g_idx)
+    return float(((weight.float() - deq) ** 2).mean())
+
+
+def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    """Round-to-nearest on the min/max grid of each group; same outputs as :func:`gptq_quantize`."""
+    out_features, in_features = weight.shape
+    group = cfg.group_size_for(in_features)
+    w = weight.to(torch.float32)
+    grouped = w.reshape(out_features, in_features // group, group)  # [O, G, g]
+    scale, zero = group_grid(grouped, cfg.bits, cfg.sym)  # [O, G]
+    q = quantize_codes(grouped, scale[..., None], zero[..., None], cfg.bits)
+    g_idx = torch.arange(in_features, device=w.device, dtype=torch.int32) // group
+    result = QuantizedWeight(
+        q.reshape(out_features, in_features).to(torch.int32),
+        scale.t().contiguous(),
+        zero.t().contiguous().to(torch.int32),
+        g_idx,
+        {},
+    )
+    result.info["weight_mse"] = _mse(w, result)
+    return result
+
+
+def _damped_inverse_cholesky(h: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor of ``(H + damp I)^-1``, the damp percent used, and the retries taken."""
+    mean_diag = float(h.diagonal().mean())
+    percent = cfg.damp_percent
+    retries = MAX_DAMP_RETRIES if cfg.damp_auto_increase else 0
+    for attempt in range(retries + 1):
+        damped = h.clone()
+        damped.diagonal().add_(percent * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+                return upper, percent, attempt
+        percent *= 10.0
+    raise HessianNotPositiveDefinite(
+        f"GPTQ Hessian is not positive definite even with damp_percent {percent / 10:g}: "
+        "use more calibration tokens, raise damp_percent, or fall back to RTN"
+    )
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
+    """GPTQ of ``weight [O, I]`` against ``hessian [I, I]`` (see :class:`HessianAccumulator`).
+
+    info: ``damp_percent`` (final), ``damp_retries``, ``dead_columns``, ``gptq_loss`` (the
+    reference's summed ``(w - q)^2 / d^2 / 2``) and ``weight_mse``.
+    """
+    out_features, in_features = weight.shape
+    if hessian.shape != (in_features, in_features):
+        raise MixtralQuantError(
+            f"Hessian shape {tuple(hessian.shape)} does not match weight [{out_features}, {in_features}]"
+        )
+    group, bits, device = cfg.group_size_for(in_features), cfg.bits, weight.device
+    w = weight.to(torch.float32).clone()
+    h = hessian.to(device=device, dtype=torch.float32).clone()
+    if not bool(torch.isfinite(h).all()):
+        raise MixtralQuantError("GPTQ Hessian holds NaN or inf: check the calibration inputs")
+
+    dead = h.diagonal() == 0  # inputs never active: weight irrelevant, keep H invertible
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    n_groups = in_features // group
+    scales = torch.zeros(n_groups, out_features, device=device)
+    zeros = torch.zeros(n_groups, out_features, device=device)
+    if cfg.static_groups:  # grids fixed before the sweep, on un-permuted columns
+        grid = group_grid(w.reshape(out_features, n_groups, group), bits, cfg.sym)
+        scales, zeros = grid[0].t().contiguous(), grid[1].t().contiguous()
+
+    perm = torch.arange(in_features, device=device)
+    if cfg.act_order:  # columns with the largest Hessian diagonal first
+        perm = torch.argsort(h.diagonal(), descending=True)
+        w, h = w[:, perm], h[perm][:, perm]
+    hinv, damp, retries = _damped_inverse_cholesky(h, cfg)
+    static_group_of = (perm // group).tolist()  # group of the column at each sweep position
+
+    qint = torch.zeros_like(w)
+    loss = 0.0
+    for i1 in range(0, in_features, cfg.lazy_block):
+        i2 = min(i1 + cfg.lazy_block, in_features)
+        w1 = w[:, i1:i2].clone()
+        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if cfg.static_groups:
+                g = static_group_of[col]
+            else:
+                g = col // group
+                if col % group == 0:  # the reference: grid from W as of this block's start
+                    scales[g], zeros[g] = group_grid(w[:, col : col + group], bits, cfg.sym)
+            wcol = w1[:, i]
+            q = quantize_codes(wcol, scales[g], zeros[g], bits)
+            q1[:, i] = q
+            err = (wcol - scales[g] * (q - zeros[g])) / hinv1[i, i]
+            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)  # spread the error over later columns
+            err1[:, i] = err
+        qint[:, i1:i2] = q1
+        loss += float((err1**2).sum()) / 2  # the reference's (w - q)^2 / d^2 / 2
+        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of the columns after the block
+
+    invperm = torch.argsort(perm)
+    if cfg.static_groups or not cfg.act_order:
+        g_idx = torch.arange(in_features, device=device) // group
+    else:  # groups formed in permuted order: input i sits at position invperm[i]
+        g_idx = invperm // group
+    result = QuantizedWeight(qint[:, invperm].to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), {})
+    result.info.update(
+        damp_percent=damp,
+        damp_retries=retries,
+        dead_columns=int(dead.sum()),
+        gptq_loss=loss,
+        weight_mse=_mse(weight, result),
+    )
+    return result

@@ -1,0 +1,127 @@
+"""GPTQ and RTN as :class:`~mixtral_quant.quant.base.Method`: the GPTQ v1 checkpoint layout.
+
+Per linear layer (GPTQModel / AutoGPTQ, format ``gptq``):
+
+- ``qweight`` int32 ``[I*bits/32, O]``: codes packed along the input dim, LSB first;
+- ``qzeros`` int32 ``[G, O*bits/32]``: ``zero - 1`` packed along the output dim (v1 convention);
+- ``scales`` float16 ``[G, O]``;  ``g_idx`` int32 ``[I]``: the group of each input channel.
+
+Dequantised: ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - (qzeros_v1[g_idx[i], o] + 1))``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from mixtral_quant.quant.base import QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.gptq import (
+    HessianNotPositiveDefinite,
+    QuantizedWeight,
+    gptq_quantize,
+    rtn_quantize,
+)
+from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
+from mixtral_quant.quant.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+
+GPTQ_TENSORS = ["qweight", "qzeros", "scales", "g_idx"]
+
+
+def to_checkpoint(qw: QuantizedWeight, bits: int) -> dict[str, torch.Tensor]:
+    """The four stored tensors of a quantized weight, in the gptq v1 layout."""
+    return {
+        "qweight": pack_qweight(qw.qint.t(), bits),
+        "qzeros": pack_qzeros(qw.zeros - 1, bits),
+        "scales": qw.scales.to(torch.float16),
+        "g_idx": qw.g_idx.to(torch.int32),
+    }
+
+
+def dequantize_checkpoint(tensors: Mapping[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """float32 ``[O, I]`` from the gptq v1 tensors."""
+    q = unpack_qweight(tensors["qweight"], bits).to(torch.float32)  # [I, O]
+    zeros = unpack_qzeros(tensors["qzeros"], bits).to(torch.float32) + 1.0  # [G, O]
+    idx = tensors["g_idx"].long()
+    scales = tensors["scales"].to(torch.float32)
+    return (scales[idx] * (q - zeros[idx])).t()
+
+
+class GPTQLayout:
+    """Storage, loading and runtime shared by the methods that write the GPTQ layout."""
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return dequantize_checkpoint(tensors, self.config.bits)
+
+    def tensor_names(self) -> list[str]:
+        return list(GPTQ_TENSORS)
+
+    def make_module(self, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int) -> nn.Module:
+        require_tensors(tensors, GPTQ_TENSORS, "GPTQ")
+        bits, groups = self.config.bits, in_features // self.config.group_size_for(in_features)
+        require_shape("qweight", tensors["qweight"], (in_features * bits // 32, out_features))
+        require_shape("qzeros", tensors["qzeros"], (groups, out_features * bits // 32))
+        require_shape("scales", tensors["scales"], (groups, out_features))
+        require_shape("g_idx", tensors["g_idx"], (in_features,))
+        return DequantLinear(tensors, self.dequantize, in_features, out_features)
+
+    def quantization_config(self) -> dict[str, Any]:
+        """GPTQModel's quantize_config keys (format ``gptq``, v1 zeros)."""
+        cfg = self.config
+        return {
+            "bits": cfg.bits,
+            "group_size": cfg.group_size,
+            "desc_act": cfg.act_order,
+            "sym": cfg.sym,
+            "damp_percent": cfg.damp_percent,
+            "true_sequential": cfg.true_sequential,
+            "static_groups": cfg.static_groups,
+            "quant_method": "gptq",
+            "format": "gptq",
+            "checkpoint_format": "gptq",
+            "pack_dtype": "int32",
+        }
+
+
+class RTN(GPTQLayout):
+    """Round-to-nearest per group, stored in the GPTQ layout. Needs no calibration."""
+
+    needs_hessian = False
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
+        check_weight(weight, self.config)
+        qw = rtn_quantize(weight, self.config)
+        return QuantResult(to_checkpoint(qw, self.config.bits), {"method": "rtn", **qw.info})
+
+
+class GPTQ(GPTQLayout):
+    """GPTQ against the layer's input Hessian.
+
+    Falls back to RTN, with the reason in ``info["fallback"]``, when the Hessian is missing
+    (an expert that received no calibration tokens), empty, or stays not positive definite
+    after the damping increases (AutoGPTQ issue 644 on MoE experts).
+    """
+
+    needs_hessian = True
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
+        check_weight(weight, self.config)
+        if hessian is None:
+            return self._fallback(weight, "no Hessian")
+        if not bool(hessian.diagonal().any()):
+            return self._fallback(weight, "empty Hessian (no nonzero input seen)")
+        try:
+            qw = gptq_quantize(weight, hessian, self.config)
+        except HessianNotPositiveDefinite as err:
+            return self._fallback(weight, str(err))
+        return QuantResult(to_checkpoint(qw, self.config.bits), {"method": "gptq", **qw.info})
+
+    def _fallback(self, weight: torch.Tensor, reason: str) -> QuantResult:
+        qw = rtn_quantize(weight, self.config)
+        info: dict[str, float | int | str] = {"method": "rtn", "fallback": reason, **qw.info}
+        return QuantResult(to_checkpoint(qw, self.config.bits), info)

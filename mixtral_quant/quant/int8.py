@@ -1,0 +1,121 @@
+"""8-bit weights: bitsandbytes LLM.int8() (INT8) and weight-only per-channel int8 (W8).
+
+INT8 (Dettmers et al., "LLM.int8()", 2022) stores what ``Linear8bitLt`` saves: ``weight`` int8
+``[out, in]`` from ``int8_vectorwise_quant`` on the fp16 weight, ``SCB`` float32 ``[out]`` (the
+row absmax; ``W = weight * SCB / 127``) and ``weight_format`` uint8 scalar 0 ("row"). At run
+time activations are quantized to int8 per row, except input columns holding a value above
+``int8_threshold``, which are multiplied in fp16 (the outlier decomposition).
+
+W8 is weight-only: ``weight`` int8 ``[out, in]`` in [-127, 127] and ``weight_scale`` float16
+``[out]`` with ``W = weight * weight_scale``; the matmul runs in the input's dtype. Codes are
+chosen against the fp16-rounded scale, so the stored tensors are exactly the quantized weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+from torch import nn
+
+from mixtral_quant.quant.base import QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
+from mixtral_quant.quant.nf4 import bitsandbytes_config
+
+INT8_TENSORS = ["weight", "SCB", "weight_format"]
+W8_TENSORS = ["weight", "weight_scale"]
+ROW_FORMAT = 0  # bitsandbytes LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
+_MIN_SCALE = float(torch.finfo(torch.float16).tiny)
+
+
+def _mse(deq: torch.Tensor, weight: torch.Tensor) -> float:
+    return float(((deq - weight.to(torch.float32)) ** 2).mean())
+
+
+class INT8:
+    """bitsandbytes LLM.int8(); runtime module is ``bnb.nn.Linear8bitLt`` (inference mode)."""
+
+    needs_hessian = False
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
+        check_weight(weight, self.config)
+        codes, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        tensors = {
+            "weight": codes,
+            "SCB": scb,
+            "weight_format": torch.tensor(ROW_FORMAT, dtype=torch.uint8, device=codes.device),
+        }
+        return QuantResult(tensors, {"method": "int8", "weight_mse": _mse(self.dequantize(tensors), weight)})
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return tensors["weight"].to(torch.float32) * (tensors["SCB"].to(torch.float32)[:, None] / 127.0)
+
+    def tensor_names(self) -> list[str]:
+        return list(INT8_TENSORS)
+
+    def make_module(self, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int) -> nn.Module:
+        require_tensors(tensors, INT8_TENSORS, "INT8")
+        require_shape("weight", tensors["weight"], (out_features, in_features))
+        require_shape("SCB", tensors["SCB"], (out_features,))
+        module = bnb.nn.Linear8bitLt(
+            in_features,
+            out_features,
+            bias=False,
+            has_fp16_weights=False,
+            threshold=self.config.int8_threshold,
+            device="meta",
+        )
+        codes = tensors["weight"]
+        module.weight = bnb.nn.Int8Params(
+            codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=tensors["SCB"].to(torch.float32)
+        )
+        return module.eval()
+
+    def quantization_config(self) -> dict[str, Any]:
+        return bitsandbytes_config(self.config, load_in_4bit=False)
+
+
+class W8:
+    """Weight-only symmetric int8 with one fp16 scale per output channel."""
+
+    needs_hessian = False
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
+        check_weight(weight, self.config)
+        w = weight.to(torch.float32)
+        scale = (w.abs().amax(1) / 127.0).clamp(min=_MIN_SCALE).to(torch.float16)
+        codes = torch.clamp(torch.round(w / scale.to(torch.float32)[:, None]), -127, 127).to(torch.int8)
+        tensors = {"weight": codes, "weight_scale": scale}
+        return QuantResult(tensors, {"method": "w8", "weight_mse": _mse(self.dequantize(tensors), weight)})
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return tensors["weight"].to(torch.float32) * tensors["weight_scale"].to(torch.float32)[:, None]
+
+    def tensor_names(self) -> list[str]:
+        return list(W8_TENSORS)
+
+    def make_module(self, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int) -> nn.Module:
+        require_tensors(tensors, W8_TENSORS, "W8")
+        require_shape("weight", tensors["weight"], (out_features, in_features))
+        require_shape("weight_scale", tensors["weight_scale"], (out_features,))
+        return DequantLinear(tensors, self.dequantize, in_features, out_features)
+
+    def quantization_config(self) -> dict[str, Any]:
+        """This project's own entry: no transformers quantizer reads this layout."""
+        return {
+            "quant_method": "mixtral-quant",
+            "format": "w8",
+            "bits": 8,
+            "sym": True,
+            "granularity": "per_output_channel",
+            "scale_dtype": "float16",
+        }

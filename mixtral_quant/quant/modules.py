@@ -1,0 +1,65 @@
+"""Runtime linear layers shared by methods that have no kernel of their own.
+
+:class:`DequantLinear` keeps the stored tensors as buffers (so ``state_dict()`` has exactly the
+on-disk names and ``.to(device)`` moves them) and rebuilds the weight on every call: nothing is
+cached, so memory stays at the quantized size, at the price of one dequantization per forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixtral_quant.errors import CheckpointError
+
+Dequantizer = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+class DequantLinear(nn.Module):
+    """Bias-free ``y = x @ W^T`` with ``W = dequantize(buffers)`` computed per call."""
+
+    def __init__(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        dequantize: Dequantizer,
+        in_features: int,
+        out_features: int,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self._dequantize = dequantize
+        self._names = list(tensors)
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor)
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The stored tensors, on the module's current device."""
+        return {name: self.get_buffer(name) for name in self._names}
+
+    def weight_float(self) -> torch.Tensor:
+        """The dequantized weight, float32 ``[out, in]``."""
+        return self._dequantize(self.stored())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_float().to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, stored={self._names}"
+
+
+def require_tensors(tensors: Mapping[str, torch.Tensor], names: list[str], method: str) -> None:
+    """CheckpointError naming the missing or unexpected tensors of a ``method`` layer."""
+    missing = sorted(set(names) - set(tensors))
+    unexpected = sorted(set(tensors) - set(names))
+    if missing or unexpected:
+        raise CheckpointError(f"{method} layer tensors do not match: missing {missing}, unexpected {unexpected}")
+
+
+def require_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """CheckpointError when a stored tensor's shape is not the one the layer needs."""
+    if tuple(tensor.shape) != shape:
+        raise CheckpointError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {shape}")

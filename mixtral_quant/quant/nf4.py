@@ -1,0 +1,111 @@
+"""NF4 (QLoRA 4-bit NormalFloat) through bitsandbytes, stored as transformers stores Linear4bit.
+
+Quantization is ``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``: one absmax per
+block of ``nf4_blocksize`` weights, the absmax values themselves quantized to 8 bits in blocks
+of 256 when ``double_quant`` is on. The stored tensors are ``QuantState.as_dict(packed=True)``
+under ``weight.`` plus the packed codes as ``weight`` (what ``Linear4bit._save_to_state_dict``
+writes), so a transformers-loadable checkpoint needs no renaming. The quantization state keeps
+the weight's own dtype (fp16, bf16 or fp32), as transformers does when it quantizes a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbf
+import torch
+from torch import nn
+
+from mixtral_quant.errors import CheckpointError
+from mixtral_quant.quant.base import QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.modules import require_tensors
+
+_STATE_KEYS = ["weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"]
+_NESTED_KEYS = ["weight.nested_absmax", "weight.nested_quant_map"]
+_BNB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def bitsandbytes_config(config: QuantConfig, load_in_4bit: bool) -> dict[str, Any]:
+    """transformers ``BitsAndBytesConfig(...).to_dict()`` for NF4 (4-bit) or LLM.int8 (8-bit)."""
+    return {
+        "quant_method": "bitsandbytes",
+        "_load_in_8bit": not load_in_4bit,
+        "_load_in_4bit": load_in_4bit,
+        "llm_int8_threshold": config.int8_threshold,
+        "llm_int8_skip_modules": None,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "bnb_4bit_quant_type": "nf4" if load_in_4bit else "fp4",
+        "bnb_4bit_use_double_quant": config.double_quant if load_in_4bit else False,
+        "bnb_4bit_compute_dtype": _dtype_name(config.compute_dtype if load_in_4bit else torch.float32),
+        "bnb_4bit_quant_storage": "uint8",
+        "load_in_4bit": load_in_4bit,
+        "load_in_8bit": not load_in_4bit,
+    }
+
+
+class NF4:
+    """bitsandbytes NF4; runtime module is ``bnb.nn.Linear4bit`` (CPU and CUDA kernels)."""
+
+    needs_hessian = False
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
+        check_weight(weight, self.config)
+        w = weight if weight.dtype in _BNB_DTYPES else weight.to(torch.float32)
+        codes, state = bnbf.quantize_4bit(
+            w.contiguous(),
+            blocksize=self.config.nf4_blocksize,
+            compress_statistics=self.config.double_quant,
+            quant_type="nf4",
+        )
+        # clone: quant maps may be shared with bitsandbytes' caches, and safetensors refuses shared storage
+        tensors = {"weight": codes} | {f"weight.{k}": v.clone() for k, v in state.as_dict(packed=True).items()}
+        deq = bnbf.dequantize_4bit(codes, state).to(torch.float32)
+        mse = float(((deq - weight.to(torch.float32)) ** 2).mean())
+        return QuantResult(tensors, {"method": "nf4", "weight_mse": mse})
+
+    def quant_state(self, tensors: Mapping[str, torch.Tensor]) -> bnbf.QuantState:
+        """The bitsandbytes QuantState rebuilt from the stored tensors."""
+        stats = {k: v for k, v in tensors.items() if k != "weight"}
+        return bnbf.QuantState.from_dict(stats, device=tensors["weight"].device)
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return bnbf.dequantize_4bit(tensors["weight"], self.quant_state(tensors)).to(torch.float32)
+
+    def tensor_names(self) -> list[str]:
+        nested = _NESTED_KEYS if self.config.double_quant else []
+        return ["weight", *_STATE_KEYS, *nested]
+
+    def make_module(self, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int) -> nn.Module:
+        """``Linear4bit`` computing in the input's dtype (fp32/bf16; fp16 as given)."""
+        require_tensors(tensors, self.tensor_names(), "NF4")
+        module = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=False,
+            compute_dtype=None,
+            compress_statistics=self.config.double_quant,
+            quant_type="nf4",
+            device="meta",
+        )
+        codes = tensors["weight"]
+        shape = tuple(self.quant_state(tensors).shape or ())
+        if shape != (out_features, in_features):
+            raise CheckpointError(f"NF4 weight holds shape {shape}, expected {(out_features, in_features)}")
+        stats = {k: v for k, v in tensors.items() if k != "weight"}
+        module.weight = bnb.nn.Params4bit.from_prequantized(
+            data=codes, quantized_stats=stats, requires_grad=False, device=codes.device, module=module
+        )
+        return module
+
+    def quantization_config(self) -> dict[str, Any]:
+        return bitsandbytes_config(self.config, load_in_4bit=True)
