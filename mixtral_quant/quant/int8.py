@@ -46,6 +46,7 @@ class INT8:
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         check_weight(weight, self.config)
         codes, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+        codes[scb == 0] = 0  # all-zero rows: bitsandbytes computes 0 * inf there
         tensors = {
             "weight": codes,
             "SCB": scb,

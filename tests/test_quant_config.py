@@ -1,0 +1,80 @@
+"""QuantConfig validation, shape checks and the method registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mixtral_quant.errors import ConfigError, MixtralQuantError
+from mixtral_quant.quant import METHODS, MethodName, QuantConfig, get_method
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"method": MethodName.GPTQ, "bits": 5}, "cannot store 5-bit"),
+        ({"method": MethodName.NF4, "bits": 8}, "nf4 cannot store 8-bit"),
+        ({"method": MethodName.INT8}, "int8 cannot store 4-bit"),
+        ({"method": MethodName.GPTQ, "group_size": 100}, "group_size 100"),
+        ({"method": MethodName.GPTQ, "group_size": 0}, "group_size 0"),
+        ({"method": MethodName.GPTQ, "damp_percent": 0.0}, "damp_percent"),
+        ({"method": MethodName.GPTQ, "lazy_block": 0}, "lazy_block"),
+        ({"method": MethodName.NF4, "nf4_blocksize": 48}, "nf4_blocksize 48"),
+        ({"method": MethodName.NF4, "compute_dtype": torch.int8}, "compute_dtype"),
+        ({"method": "awq"}, "unknown method 'awq'"),
+    ],
+)
+def test_bad_settings_are_config_errors(kw: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        QuantConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_method_value_is_accepted_and_native_bits_filled() -> None:
+    assert QuantConfig("gptq").method is MethodName.GPTQ  # type: ignore[arg-type]
+    assert QuantConfig.for_method(MethodName.W8).bits == 8
+    assert QuantConfig.for_method(MethodName.GPTQ, bits=3).bits == 3
+
+
+@pytest.mark.parametrize(
+    ("kw", "shape", "message"),
+    [
+        ({"group_size": 128}, (64, 4160), "group_size 128 does not divide in_features 4160"),
+        ({"bits": 3, "group_size": -1}, (64, 40), "in_features 40 cannot be packed at 3 bits"),
+        ({"bits": 3, "group_size": -1}, (40, 64), "out_features 40 cannot be packed at 3 bits"),
+        ({"bits": 4, "group_size": -1}, (12, 64), "out_features 12 cannot be packed at 4 bits"),
+    ],
+)
+def test_validate_shape_names_the_sizes(kw: dict[str, object], shape: tuple[int, int], message: str) -> None:
+    cfg = QuantConfig(MethodName.GPTQ, **kw)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate_shape(in_features=shape[1], out_features=shape[0])
+    with pytest.raises(ConfigError, match=message):
+        get_method(cfg).quantize(torch.zeros(shape))
+
+
+def test_mixtral_shapes_are_valid() -> None:
+    for bits in (2, 3, 4, 8):
+        cfg = QuantConfig(MethodName.GPTQ, bits=bits)
+        for out_features, in_features in ((14336, 4096), (4096, 14336), (1024, 4096)):
+            cfg.validate_shape(in_features, out_features)
+
+
+def test_non_finite_weight_is_refused() -> None:
+    weight = torch.zeros(32, 64)
+    weight[1, 2] = float("nan")
+    with pytest.raises(MixtralQuantError, match="NaN"):
+        get_method(QuantConfig(MethodName.RTN, group_size=32)).quantize(weight)
+
+
+def test_registry_covers_every_method() -> None:
+    assert set(METHODS) == set(MethodName)
+    for name in MethodName:
+        method = get_method(QuantConfig.for_method(name, group_size=32))
+        assert method.config.method is name
+        weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
+        hessian = torch.eye(64) if method.needs_hessian else None
+        result = method.quantize(weight, hessian)
+        assert sorted(result.tensors) == sorted(method.tensor_names())
+        assert method.dequantize(result.tensors).shape == (32, 64)
+        assert isinstance(result.info["weight_mse"], float)
+        assert method.quantization_config()
