@@ -24,10 +24,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
 
 from mixtral_quant.errors import MixtralQuantError
+from mixtral_quant.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 WIKI_TEST = ROOT / "calibration" / "corpora" / "wiki-test.txt"
@@ -74,10 +74,7 @@ def tokenizer_for(model_folder: Path | None) -> Path:
 
 def encode(text: str, tokenizer: Path) -> torch.Tensor:
     """BOS + the tokens of ``text`` (int64 [N])."""
-    if not tokenizer.is_file():
-        raise DatasetError(f"tokenizer {tokenizer} does not exist: the model folder needs its tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
-    return torch.tensor([sp.bos_id(), *sp.encode(text)], dtype=torch.int64)
+    return torch.tensor(Tokenizer(tokenizer).encode(text, bos=True, eos=False), dtype=torch.int64)
 
 
 def load_dataset(spec: str | Path, tokenizer: Path = DEFAULT_TOKENIZER) -> EvalDataset:

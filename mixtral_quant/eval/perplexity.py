@@ -260,6 +260,7 @@ def forward_windows_layerwise(
         for i, w in enumerate(windows):
             store.set(i, embed(tokens[w.begin : w.end].to(device)))
         source.release(embed)
+        del embed
         bar = tqdm(range(cfg.num_hidden_layers), desc="layers", disable=not progress, leave=False)
         for index in bar:
             layer = source.layer(index, device)
@@ -271,6 +272,7 @@ def forward_windows_layerwise(
                 if router_logits and logits is not None:
                     routers[i].append(logits.to("cpu"))
             source.release(layer)
+            del layer  # before the next layer arrives
         head = source.head(device)
         try:
             for i, w in enumerate(windows):

@@ -1,0 +1,358 @@
+"""``mixtral-quant eval``: evaluate variants against a baseline, write reports, apply the gate.
+
+For each model (the baseline first, then every variant, one variant resident at a time):
+
+1. load it (``loading.load_model``) and compute its perplexity, measuring the peak memory of
+   load + perplexity as the increase over what was in use before (the baseline stays resident
+   while variants are measured, so a variant's figure is its own load and evaluation);
+2. measure prefill and decode speed (:mod:`speed`);
+3. count stored bytes by component on disk and in memory (:mod:`memory`);
+4. for a variant, run baseline and variant in lockstep for KL, top-1 changes and router agreement.
+
+Layer-sequential mode (``layer_sequential=True``, or None and a model would not fit: its weights
+at the evaluation dtype over 40 % of the free device memory, as baseline and variant are both
+resident) reads every model one decoder layer at a time from its checkpoint
+(:class:`CheckpointLayers`); speed is then not measured, and "in memory" is the sum of the parts
+as they were loaded. The same code serves CPU and CUDA; only the device and the peak-memory
+probe differ.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import mixtral_quant
+from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization_config
+from mixtral_quant.config import MixtralConfig
+from mixtral_quant.errors import CheckpointError, MixtralQuantError
+from mixtral_quant.eval.compare import compare
+from mixtral_quant.eval.data import load_dataset, tokenizer_for
+from mixtral_quant.eval.memory import COMPONENTS, PeakMemory, memory_bytes, memory_report
+from mixtral_quant.eval.perplexity import LayerSource, Window, WindowOutput, perplexity, plan_windows, window_outputs
+from mixtral_quant.eval.report import (
+    BoundResult,
+    EvalReport,
+    ModelResult,
+    bound_results,
+    check_names,
+    gate_table,
+    load_bounds,
+    write_reports,
+)
+from mixtral_quant.eval.speed import measure_speed
+from mixtral_quant.loading import load_model, quant_config_from_hf
+from mixtral_quant.model import DecoderLayer, MixtralForCausalLM, RMSNorm
+from mixtral_quant.quant import get_method
+
+FIT_SHARE = 0.4  # of free device memory one model's weights may take in plain mode
+
+
+class RegressionError(MixtralQuantError):
+    """Bounds were violated; ``table`` lists every bound with its measured value."""
+
+    def __init__(self, results: list[BoundResult], report: EvalReport) -> None:
+        self.table = gate_table(results)
+        self.violations = [r for r in results if not r.passed]
+        self.report = report
+        super().__init__(f"{len(self.violations)} evaluation bound(s) violated:\n{self.table}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> cuda if available else cpu; "cpu", "cuda" or "cuda:N" as given (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise MixtralQuantError(f"device {device!r} is not one of auto, cpu, cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise MixtralQuantError(f"device {device!r} is not one of auto, cpu, cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MixtralQuantError("--device cuda was asked but no CUDA device is available: use --device cpu or auto")
+    return dev
+
+
+class CheckpointLayers:
+    """A :class:`LayerSource` that reads one part of a checkpoint at a time (quantized linears too)."""
+
+    def __init__(self, folder: Path, dtype: torch.dtype) -> None:
+        self.reader = CheckpointReader(folder)
+        self._cfg = load_config(folder)
+        qc = quantization_config(folder)
+        self.method = get_method(quant_config_from_hf(qc)) if qc else None
+        # a stored name only a quantized linear has (loading.load_model's rule)
+        self.marker = next(n for n in self.method.tensor_names() if n != "weight") if self.method else ""
+        self._dtype = dtype
+        self.loaded = dict.fromkeys(COMPONENTS, 0)  # bytes of every part handed out (once per part)
+        self.used: set[str] = set()
+        self._counted: set[str] = set()
+        self._prefix: dict[int, str] = {}  # id of a part handed out -> its Hub name prefix
+
+    @property
+    def cfg(self) -> MixtralConfig:
+        return self._cfg
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def _get(self, name: str, device: torch.device, cast: bool) -> torch.Tensor:
+        self.used.add(name)
+        return self.reader.get(name, self._dtype if cast else None, device)
+
+    def _fill(self, module: nn.Module, prefix: str, device: torch.device) -> nn.Module:
+        for name, sub in list(module.named_modules()):
+            full = f"{prefix}.{name}" if name else prefix
+            if isinstance(sub, nn.Linear) and self.method and f"{full}.{self.marker}" in self.reader.where:
+                tensors = {s: self._get(f"{full}.{s}", device, cast=False) for s in self.method.tensor_names()}
+                quantized = self.method.make_module(tensors, sub.in_features, sub.out_features)
+                if not name:  # the part is the linear itself
+                    module = quantized
+                    break
+                module.set_submodule(name, quantized)
+                continue
+            for pname, p in list(sub.named_parameters(recurse=False)):
+                t = self._get(f"{full}.{pname}", device, cast=True)
+                if tuple(t.shape) != tuple(p.shape):
+                    shapes = f"{tuple(t.shape)}, expected {tuple(p.shape)}"
+                    raise CheckpointError(f"tensor {full}.{pname} in {self.reader.folder} has shape {shapes}")
+                setattr(sub, pname, nn.Parameter(t, requires_grad=False))
+        self._prefix[id(module)] = prefix
+        return module.to(device).eval()
+
+    def embedding(self, device: torch.device) -> nn.Module:
+        with torch.device("meta"):
+            e = nn.Embedding(self.cfg.vocab_size, self.cfg.hidden_size)
+        return self._fill(e, "model.embed_tokens", device)
+
+    def layer(self, index: int, device: torch.device) -> nn.Module:
+        with torch.device("meta"):
+            layer = DecoderLayer(self.cfg, index)
+        return self._fill(layer, f"model.layers.{index}", device)
+
+    def head(self, device: torch.device) -> nn.Module:
+        with torch.device("meta"):
+            norm = RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps)
+            lm_head = nn.Linear(self.cfg.hidden_size, self.cfg.vocab_size, bias=False)
+        tied = self.cfg.tie_word_embeddings and "lm_head.weight" not in self.reader.where
+        out = self._fill(lm_head, "model.embed_tokens" if tied else "lm_head", device)
+        return nn.Sequential(self._fill(norm, "model.norm", device), out)
+
+    def release(self, module: nn.Module) -> None:
+        """Count the part's bytes (after use: bitsandbytes repacks on its first CPU call) the first
+        time it comes back; the part itself is freed when the caller drops it."""
+        parts = module if isinstance(module, nn.Sequential) else [module]
+        for part in parts:
+            prefix = self._prefix.pop(id(part))
+            if prefix not in self._counted:
+                self._counted.add(prefix)
+                for c, n in memory_bytes(part, prefix).items():
+                    self.loaded[c] += n
+
+    def check_all_used(self) -> None:
+        unused = sorted(set(self.reader.names) - self.used)
+        if unused:
+            raise CheckpointError(f"{self.reader.folder} holds tensors the model has no place for: {unused[:5]}")
+
+
+@dataclass
+class _Loaded:
+    """One model under evaluation: resident (plain mode) or read layer by layer."""
+
+    name: str
+    path: Path
+    model: MixtralForCausalLM | None
+    source: CheckpointLayers | None
+
+    @property
+    def cfg(self) -> MixtralConfig:
+        return self.model.cfg if self.model is not None else self._source.cfg
+
+    @property
+    def _source(self) -> CheckpointLayers:
+        assert self.source is not None
+        return self.source
+
+    def outputs(
+        self, tokens: torch.Tensor, windows: list[Window], device: torch.device, router: bool
+    ) -> Iterator[WindowOutput]:
+        target: MixtralForCausalLM | LayerSource = self.model if self.model is not None else self._source
+        return window_outputs(target, tokens, windows, device, self.model is None, router_logits=router)
+
+
+def _weights_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """Bytes a checkpoint's weights take once loaded at ``dtype`` (float tensors converted)."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    with CheckpointReader(folder) as r:
+        floats = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+        return sum(r.nbytes(n) * size // floats[r.dtype(n)] if r.dtype(n) in floats else r.nbytes(n) for n in r.names)
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return int(psutil.virtual_memory().available)
+
+
+def _disk_tensors(folder: Path) -> list[tuple[str, int]]:
+    with CheckpointReader(folder) as r:
+        return [(n, r.nbytes(n)) for n in r.names]
+
+
+def _unique_names(variants: list[Path], baseline: Path) -> list[str]:
+    names = [p.name for p in variants]
+    dupes = sorted({n for n in names if names.count(n) > 1} | ({baseline.name} & set(names)))
+    if dupes:
+        raise MixtralQuantError(f"models share folder names {dupes}: variants are named by folder, rename them")
+    return names
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def evaluate(
+    variants: list[Path],
+    baseline: Path,
+    dataset: str = "wiki-test",
+    ctx: int = 2048,
+    stride: int | None = None,
+    device: str = "auto",
+    report_dir: Path | None = None,
+    check: Path | None = None,
+    layer_sequential: bool | None = None,
+    progress: bool = True,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> EvalReport:
+    """Evaluate ``variants`` against ``baseline`` (model folders); see the module docstring.
+
+    ``stride`` None means ``ctx`` (windows do not overlap). Reports are written to ``report_dir``
+    when given; with ``check`` (a bounds TOML) a violated bound raises :class:`RegressionError`
+    after the reports are written.
+    """
+    dev = resolve_device(device)
+    variants, baseline = [Path(v) for v in variants], Path(baseline)
+    names = _unique_names(variants, baseline)
+    bounds = load_bounds(Path(check)) if check is not None else None
+    if bounds is not None:
+        check_names(bounds, names)  # fail before hours of evaluation, not after
+    data = load_dataset(dataset, tokenizer_for(baseline))
+    windows = plan_windows(len(data.tokens), ctx, stride)
+    folders = [baseline, *variants]
+    if layer_sequential is None:
+        free = _free_bytes(dev)
+        layer_sequential = any(_weights_bytes(f, dtype) > FIT_SHARE * free for f in folders)
+    run = _Run(data.tokens, windows, ctx, stride or ctx, dev, dtype, layer_sequential, progress)
+    bar = tqdm(folders, desc="models", unit="model", disable=not progress)
+    results: list[ModelResult] = []
+    base: _Loaded | None = None
+    for folder in bar:
+        bar.set_postfix_str(folder.name)
+        loaded, result = _evaluate_model(folder, run, base)
+        if base is None:
+            base = loaded
+        else:
+            result.ppl_ratio = result.perplexity.ppl / results[0].perplexity.ppl
+            del loaded
+            _release(dev)
+        results.append(result)
+    report = EvalReport(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        tool_version=mixtral_quant.__version__,
+        dataset=data.to_dict(),
+        settings={
+            "ctx": ctx,
+            "stride": run.stride,
+            "device": str(dev),
+            "dtype": str(dtype).removeprefix("torch."),
+            "layer_sequential": layer_sequential,
+            "torch": torch.__version__,
+        },
+        baseline=results[0],
+        variants=results[1:],
+    )
+    if bounds is not None:
+        report.gate = bound_results(report, bounds)
+    if report_dir is not None:
+        write_reports(report, Path(report_dir))
+    if report.gate is not None and not all(r.passed for r in report.gate):
+        raise RegressionError(report.gate, report)
+    return report
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The settings every model of one evaluation shares."""
+
+    tokens: torch.Tensor
+    windows: list[Window]
+    ctx: int
+    stride: int
+    device: torch.device
+    dtype: torch.dtype
+    layer_sequential: bool
+    progress: bool
+
+
+def _evaluate_model(folder: Path, run: _Run, base: _Loaded | None) -> tuple[_Loaded, ModelResult]:
+    """Load, perplexity, speed, memory and (for a variant) the comparison with ``base``."""
+    notes: list[str] = []
+    tokens, windows, device = run.tokens, run.windows, run.device
+    vocab = load_config(folder).vocab_size
+    if int(tokens.max()) >= vocab:
+        raise MixtralQuantError(f"{folder} has a {vocab}-token vocabulary, the tokenizer yields id {int(tokens.max())}")
+    with PeakMemory(device) as peak:
+        if run.layer_sequential:
+            loaded = _Loaded(folder.name, folder, None, CheckpointLayers(folder, run.dtype))
+        else:
+            loaded = _Loaded(folder.name, folder, load_model(folder, dtype=run.dtype, device=device), None)
+        outputs = tqdm(
+            loaded.outputs(tokens, windows, device, router=False),
+            total=len(windows), desc=f"perplexity {folder.name}", unit="window", leave=False, disable=not run.progress,
+        )  # fmt: skip
+        ppl = perplexity(outputs, tokens, run.ctx, run.stride, run.layer_sequential)
+    cfg = loaded.cfg
+    if loaded.model is not None:
+        speed = measure_speed(loaded.model, tokens, run.ctx, device)
+        in_memory = memory_bytes(loaded.model)
+    else:
+        assert loaded.source is not None
+        loaded.source.check_all_used()
+        speed, in_memory = None, loaded.source.loaded
+        notes.append("layer-sequential: memory_bytes is the sum of the parts as they were loaded; speed not measured")
+    memory = memory_report(cfg, in_memory, _disk_tensors(folder), peak.result, notes)
+    comparison = None
+    if base is not None:
+        moe = base.cfg.moe
+        comparison = compare(
+            base.outputs(tokens, windows, device, router=moe is not None),
+            loaded.outputs(tokens, windows, device, router=moe is not None),
+            top_k=moe.num_experts_per_tok if moe is not None else None,
+            progress=run.progress,
+            total=len(windows),
+        )
+    result = ModelResult(
+        name=folder.name,
+        path=str(folder),
+        role="baseline" if base is None else "variant",
+        model_type=cfg.model_type,
+        quantization=quantization_config(folder),
+        perplexity=ppl,
+        ppl_ratio=1.0,
+        memory=memory,
+        speed=speed,
+        comparison=comparison,
+    )
+    return loaded, result

@@ -1,0 +1,172 @@
+"""Reports (JSON / Markdown / HTML), the regression gate, and the runner end to end on tiny checkpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mixtral_quant.checkpoint import write_checkpoint
+from mixtral_quant.config import PRESETS, MoEArgs
+from mixtral_quant.errors import MixtralQuantError
+from mixtral_quant.eval.compare import Comparison
+from mixtral_quant.eval.data import WIKI_TEST
+from mixtral_quant.eval.memory import COMPONENTS, MemoryReport, PeakKind, PeakMeasure
+from mixtral_quant.eval.perplexity import PerplexityResult
+from mixtral_quant.eval.report import (
+    SCHEMA_VERSION,
+    EvalReport,
+    ModelResult,
+    bound_results,
+    check,
+    gate_table,
+    load_bounds,
+    write_reports,
+)
+from mixtral_quant.eval.runner import RegressionError, evaluate
+from mixtral_quant.model import MixtralForCausalLM
+from mixtral_quant.quant import MethodName, QuantConfig, get_method
+
+
+def model_result(
+    name: str, ppl: float, stored: int, agreement: list[float] | None, role: str = "variant"
+) -> ModelResult:
+    params = dict.fromkeys(COMPONENTS, 1000)
+    disk = dict.fromkeys(COMPONENTS, stored // len(COMPONENTS))
+    memory = MemoryReport(disk, disk, params, {**dict.fromkeys(COMPONENTS, 8.0), "total": 8.0},
+                          PeakMeasure(10, 20, 10, PeakKind.CPU_RSS_HIGH_WATER))  # fmt: skip
+    comparison = None if role == "baseline" else Comparison(0.01, 0.02, agreement, 100, 2)
+    return ModelResult(
+        name, f"/m/{name}", role, "mixtral", None,
+        PerplexityResult(ppl, 100 * 2.0, 100, 2, 64, 64, "bos", False), ppl / 10.0, memory, None, comparison,
+    )  # fmt: skip
+
+
+def synthetic_report() -> EvalReport:
+    dataset = {"name": "t", "source": "t.txt", "sha256": "0" * 64, "tokens": 101, "tokenizer": "x"}
+    dataset["tokenization"] = "BOS"
+    settings = {"ctx": 64, "stride": 64, "device": "cpu", "dtype": "float32", "layer_sequential": False, "torch": "2"}
+    return EvalReport(
+        "2025-01-01T00:00:00+00:00", "0.1.0", dataset, settings,
+        model_result("base", 10.0, 5000, None, "baseline"),
+        [model_result("q4", 10.5, 1500, [0.9, 0.8]), model_result("<dense>", 11.0, 2000, None)],
+    )  # fmt: skip
+
+
+def write_bounds(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_reports_are_written_and_parse(tmp_path: Path) -> None:
+    report = synthetic_report()
+    paths = write_reports(report, tmp_path / "out")
+    data = json.loads(paths[0].read_text())
+    assert data["schema_version"] == SCHEMA_VERSION == 1
+    assert [v["name"] for v in data["variants"]] == ["q4", "<dense>"]
+    assert data["variants"][0]["comparison"]["router_agreement"] == [0.9, 0.8]
+    assert data["baseline"]["memory"]["peak"]["kind"] == "cpu_rss_high_water_mark"
+    md = paths[1].read_text()
+    assert re.search(r"^\| base \(baseline\) \| 10\.0000 \|", md, re.M)
+    assert re.search(r"^\| q4 \| 10\.5000 \| 1\.0500 \|", md, re.M)
+    page = paths[2].read_text()
+    svgs = re.findall(r"<svg.*?</svg>", page, re.S)
+    assert len(svgs) == 2 and "&lt;dense&gt;" in page
+    for svg in svgs:
+        ET.fromstring(svg)  # well-formed
+    assert not list(tmp_path.glob("out/.*"))  # no temporary files left behind
+
+
+def test_gate(tmp_path: Path) -> None:
+    report = synthetic_report()
+    loose = write_bounds(tmp_path / "a.toml", "[variants.q4]\nmax_ppl_ratio = 1.06\nmax_weight_bytes = 1500\n"
+                         "min_router_agreement = 0.8\n")  # fmt: skip
+    assert check(report, load_bounds(loose)) == []
+    tight = write_bounds(tmp_path / "b.toml", "[variants.q4]\nmax_ppl_ratio = 1.04\nmax_weight_bytes = 1499\n"
+                         "min_router_agreement = 0.81\n[variants.'<dense>']\nmin_router_agreement = 0.5\n")  # fmt: skip
+    violations = check(report, load_bounds(tight))
+    assert {(v.variant, v.bound) for v in violations} == {
+        ("q4", "max_ppl_ratio"), ("q4", "max_weight_bytes"), ("q4", "min_router_agreement"),
+        ("<dense>", "min_router_agreement"),
+    }  # fmt: skip
+    table = gate_table(bound_results(report, load_bounds(tight)))
+    assert "FAIL" in table and "n/a (no MoE)" in table and "1.05" in table
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("[variants.nope]\nmax_ppl_ratio = 1.1\n", "unknown variants"),
+        ("[variants.q4]\nmax_ppl = 1.1\n", "unknown keys"),
+        ("[q4]\nmax_ppl_ratio = 1.1\n", r"\[variants.NAME\]"),
+        ("[variants.q4]\nmax_ppl_ratio = 'x'\n", "must be a number"),
+        ("[variants.q4\n", "not valid TOML"),
+    ],
+)
+def test_bad_bounds_are_errors(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(MixtralQuantError, match=match):
+        check(synthetic_report(), load_bounds(write_bounds(tmp_path / "b.toml", text)))
+
+
+CFG = replace(
+    PRESETS["tiny"], hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, sliding_window=32, moe=MoEArgs(num_local_experts=4, num_experts_per_tok=2),
+)  # fmt: skip
+
+
+def save_models(root: Path) -> tuple[Path, Path]:
+    """A float checkpoint and its W8 variant (every linear but router and head quantized)."""
+    torch.manual_seed(0)
+    state = MixtralForCausalLM(CFG).state_dict()
+    base, w8 = root / "base", root / "w8"
+    base.mkdir()
+    CFG.save(base / "config.json")
+    write_checkpoint(state.items(), base)
+    method = get_method(QuantConfig.for_method(MethodName.W8))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in state.items():
+        if t.dim() == 2 and ".layers." in name and ".gate." not in name:
+            tensors |= {f"{name.removesuffix('.weight')}.{k}": v for k, v in method.quantize(t).tensors.items()}
+        else:
+            tensors[name] = t
+    w8.mkdir()
+    CFG.save(w8 / "config.json", extra={"quantization_config": method.quantization_config()})
+    write_checkpoint(tensors.items(), w8)
+    return base, w8
+
+
+def test_runner_end_to_end(tmp_path: Path) -> None:
+    base, w8 = save_models(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text(WIKI_TEST.read_text()[:2500])
+    bounds = write_bounds(tmp_path / "ok.toml", "[variants.w8]\nmax_ppl_ratio = 1.01\nmin_router_agreement = 0.5\n")
+    kwargs: dict[str, Any] = {"dataset": str(text), "ctx": 64, "stride": 48, "device": "auto", "progress": False}
+    report = evaluate([w8], base, report_dir=tmp_path / "r", check=bounds, **kwargs)
+    assert report.settings["device"] == "cpu" and report.gate and all(r.passed for r in report.gate)
+    variant = report.variant("w8")
+    assert variant.comparison is not None and variant.comparison.router_agreement is not None
+    assert 0 < variant.comparison.kl_mean < 0.01 and len(variant.comparison.router_agreement) == 2
+    assert variant.memory.bits_per_parameter["experts"] == pytest.approx(8.0, abs=0.5)
+    assert report.baseline.speed is not None and report.baseline.speed.decode_tokens_per_s > 0
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["gate"][0]["passed"] is True
+
+    layered = evaluate([w8], base, layer_sequential=True, **kwargs)
+    assert layered.variant("w8").perplexity.ppl == pytest.approx(variant.perplexity.ppl, rel=1e-6)
+    layered_cmp = layered.variant("w8").comparison
+    assert layered_cmp is not None and layered_cmp.kl_mean == pytest.approx(variant.comparison.kl_mean, rel=1e-4)
+    assert layered_cmp.router_agreement == variant.comparison.router_agreement
+    assert layered.baseline.speed is None
+
+    limit = variant.memory.weight_bytes - 1
+    tight = write_bounds(tmp_path / "tight.toml", f"[variants.w8]\nmax_weight_bytes = {limit}\n")
+    with pytest.raises(RegressionError, match="max_weight_bytes") as err:
+        evaluate([w8], base, report_dir=tmp_path / "r2", check=tight, **kwargs)
+    assert "FAIL" in err.value.table and (tmp_path / "r2" / "report.html").is_file()
+    with pytest.raises(MixtralQuantError, match="unknown variants"):
+        evaluate([w8], base, check=write_bounds(tmp_path / "x.toml", "[variants.w4]\nmax_ppl_ratio = 2\n"), **kwargs)
