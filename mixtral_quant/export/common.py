@@ -1,0 +1,378 @@
+"""What both export targets share: options, graph I/O names, and the artifact's weights in ONNX-ready forms.
+
+A quantized linear is read once from the artifact (its stored tensors, Hub names) and offered in
+the forms the graphs consume, each exact against ``get_method(cfg).dequantize(tensors)``:
+
+- :class:`BlockQuant`: ``W[n, k] = (codes[n, k] - zero[n, g]) * scale[n, g]``, groups of ``block``
+  along K (``block`` None: one group per output row). GPTQ/RTN 4- and 8-bit with ``g_idx == k //
+  group`` and zeros in range; LLM.int8 (zero 128, scale SCB/127) and W8 (zero 128, weight_scale).
+- :class:`Bnb4`: bitsandbytes NF4/FP4 codes as stored plus the (de-nested) absmax per block.
+- the dequantized float weight, always available (the standard target and every fallback).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+import bitsandbytes.functional as bnbf
+import numpy as np
+import torch
+from onnx import TensorProto
+from safetensors import safe_open
+
+from mixtral_quant.config import MixtralConfig, read_config_json
+from mixtral_quant.errors import CheckpointError, ConfigError
+from mixtral_quant.export.graph import GraphBuilder
+from mixtral_quant.quant import MethodName, QuantConfig, get_method
+from mixtral_quant.quant.packing import unpack_qweight, unpack_qzeros
+
+
+class Target(str, Enum):
+    ORT = "ort"  # onnxruntime contrib ops (GroupQueryAttention, MoE/QMoE, MatMulNBits, MatMulBnb4)
+    STANDARD = "standard"  # ai.onnx ops only; quantized weights dequantized to float
+
+
+class ExportDtype(str, Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+
+    @property
+    def numpy(self) -> np.dtype[Any]:
+        return np.dtype(np.float32 if self is ExportDtype.FP32 else np.float16)
+
+
+class NF4Experts(str, Enum):
+    """How NF4 experts reach the ORT graph: QMoE has no NF4 codebook, so they are re-quantized
+    (round-to-nearest, asymmetric, blocks along K) from the dequantized NF4 weights, or kept float."""
+
+    INT8 = "int8"  # 8-bit blocks of 64: about 8.5 bits per weight; CPU QMoE uses int8 activations
+    INT4 = "int4"  # 4-bit blocks of 32: about 4.6 bits per weight, the smallest, the largest error
+    FLOAT = "float"  # float MoE: exact against the NF4 weights, at float size
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """(bits, block) of the re-quantization; None for float."""
+        return {NF4Experts.INT8: (8, 64), NF4Experts.INT4: (4, 32), NF4Experts.FLOAT: None}[self]
+
+
+# Graph I/O names (onnxruntime-genai and Optimum conventions); %d is the layer index.
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+PAST_KEY = "past_key_values.%d.key"
+PAST_VALUE = "past_key_values.%d.value"
+LOGITS = "logits"
+PRESENT_KEY = "present.%d.key"
+PRESENT_VALUE = "present.%d.value"
+
+
+# Artifact reading -----------------------------------------------------------------------------------
+class TensorReader(Protocol):
+    names: set[str]
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+class SafetensorsReader:
+    """model.safetensors or shards with model.safetensors.index.json; one tensor per get (mmap)."""
+
+    def __init__(self, folder: Path) -> None:
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise CheckpointError(f"no model.safetensors (or index) in {folder}: is it an artifact folder?")
+        self.folder = folder
+        self.shard_of = weight_map
+        self.names = set(weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.shard_of:
+            raise CheckpointError(f"tensor {name} is missing from {self.folder}")
+        with safe_open(self.folder / self.shard_of[name], framework="pt") as f:
+            return f.get_tensor(name)
+
+
+def open_reader(folder: Path) -> TensorReader:
+    return SafetensorsReader(folder)
+
+
+def variant_quant_config(config: Mapping[str, Any]) -> QuantConfig | None:
+    """The QuantConfig that config.json's ``quantization_config`` describes (None: float model)."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method == "gptq":
+        if "v2" in str(qc.get("checkpoint_format", qc.get("format", "gptq"))):
+            raise ConfigError("gptq_v2 checkpoints (true zeros) are not supported: export needs the gptq v1 layout")
+        return QuantConfig(
+            MethodName.GPTQ,
+            bits=int(qc["bits"]),
+            group_size=int(qc.get("group_size", 128)),
+            sym=bool(qc.get("sym", True)),
+            act_order=bool(qc.get("desc_act", False)),
+        )
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit"):
+            if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
+                raise ConfigError("only NF4 4-bit bitsandbytes checkpoints can be exported")
+            return QuantConfig(MethodName.NF4, double_quant=bool(qc.get("bnb_4bit_use_double_quant", True)))
+        if qc.get("load_in_8bit"):
+            return QuantConfig(MethodName.INT8, bits=8)
+    if method == "mixtral-quant" and qc.get("format") == "w8":
+        return QuantConfig(MethodName.W8, bits=8)
+    raise ConfigError(f"quantization_config {dict(qc)} is not one this exporter knows (gptq, bitsandbytes, w8)")
+
+
+def load_variant(folder: Path) -> tuple[dict[str, Any], QuantConfig | None, TensorReader]:
+    config = read_config_json(folder)
+    return config, variant_quant_config(config), open_reader(folder)
+
+
+# Linear weights and their forms ---------------------------------------------------------------------
+_MARKER = {
+    MethodName.GPTQ: "qweight",
+    MethodName.RTN: "qweight",
+    MethodName.NF4: "weight.absmax",
+    MethodName.INT8: "SCB",
+    MethodName.W8: "weight_scale",
+}
+_NF4_NAMES = [
+    "weight",
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4",
+]
+
+
+@dataclass
+class LinearWeights:
+    """One linear layer as stored: ``tensors`` relative to ``prefix``; ``quant`` None when float."""
+
+    prefix: str
+    out_features: int
+    in_features: int
+    quant: QuantConfig | None
+    tensors: dict[str, torch.Tensor]
+
+    def dequantized(self) -> np.ndarray:
+        """float32 ``[out, in]``."""
+        if self.quant is None:
+            w = self.tensors["weight"].to(torch.float32)
+        else:
+            w = get_method(self.quant).dequantize(self.tensors)
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise CheckpointError(
+                f"{self.prefix} has shape {tuple(w.shape)}, expected {(self.out_features, self.in_features)}"
+            )
+        return w.numpy()
+
+
+def read_linear(
+    reader: TensorReader,
+    prefix: str,
+    out_features: int,
+    in_features: int,
+    quant: QuantConfig | None,
+    skip: frozenset[str] = frozenset(),
+) -> LinearWeights:
+    """The stored tensors of ``prefix`` (less ``skip``): quantized when the method's marker is present."""
+    if quant is not None and f"{prefix}.{_MARKER[quant.method]}" in reader.names:
+        names = _NF4_NAMES if quant.method is MethodName.NF4 else get_method(quant).tensor_names()
+        tensors = {n: reader.get(f"{prefix}.{n}") for n in names if n not in skip and f"{prefix}.{n}" in reader.names}
+        return LinearWeights(prefix, out_features, in_features, quant, tensors)
+    return LinearWeights(prefix, out_features, in_features, None, {"weight": reader.get(f"{prefix}.weight")})
+
+
+@dataclass
+class BlockQuant:
+    """``W[n, k] = (codes[n, k] - zeros[n, k // block]) * scales[n, k // block]``."""
+
+    codes: np.ndarray  # uint8 [N, K]
+    scales: np.ndarray  # float32 [N, G]
+    zeros: np.ndarray | None  # uint8 [N, G]; None: the default 2**(bits-1)
+    bits: int
+    block: int | None  # None: one group per row (G == 1)
+
+
+@dataclass
+class Bnb4:
+    codes: np.ndarray  # uint8 [N*K/2], as bitsandbytes stores them (row-major [N, K], 2 per byte)
+    absmax: np.ndarray  # float32 [N*K/block]
+    block: int
+    quant_type: int  # MatMulBnb4: 0 FP4, 1 NF4
+
+
+def pow2_block(size: int, limit: int = 128) -> int | None:
+    """The largest power of two in [16, limit] dividing ``size``."""
+    b = limit
+    while b >= 16:
+        if size % b == 0:
+            return b
+        b //= 2
+    return None
+
+
+def _gptq_grid(lin: LinearWeights) -> tuple[int | None, torch.Tensor, torch.Tensor | None] | None:
+    """(block, scales [N, K/block], zeros [N, K/block] or None for the default) of a GPTQ linear.
+
+    Reads only ``scales``, ``g_idx`` and ``qzeros``. None when the grid has no block form: act-order
+    groups that are not contiguous runs of K, a v1 zero of 0 wrapped to ``2**bits``, a group size
+    with no power-of-two divisor >= 16, or a width other than 4 or 8 bits.
+    """
+    q, t = lin.quant, lin.tensors
+    if q is None or q.bits not in (4, 8):
+        return None
+    k = lin.in_features
+    groups = t["scales"].shape[0]
+    group = k // groups
+    if not torch.equal(t["g_idx"].long(), torch.arange(k) // group):
+        return None
+    zeros = unpack_qzeros(t["qzeros"], q.bits).long() + 1  # [G, N], gptq v1 stores zero - 1
+    if int(zeros.min()) < 0 or int(zeros.max()) >= 2**q.bits:
+        return None
+    scales, zero_t = t["scales"].float().t().contiguous(), zeros.t().contiguous()
+    block: int | None = None
+    if groups > 1:
+        block = pow2_block(group, limit=group)
+        if block is None:
+            return None
+        rep = group // block  # split each group into power-of-two blocks sharing its scale and zero
+        scales, zero_t = scales.repeat_interleave(rep, 1), zero_t.repeat_interleave(rep, 1)
+    default = bool((zero_t == 2 ** (q.bits - 1)).all())
+    return block, scales, None if default else zero_t
+
+
+def block_signature(lin: LinearWeights) -> tuple[int, int | None, bool] | None:
+    """(bits, block, has_zeros) of :func:`block_quant`'s form; GPTQ needs no ``qweight`` for it."""
+    q = lin.quant
+    if q is None or q.method is MethodName.NF4:
+        return None
+    if q.method in (MethodName.INT8, MethodName.W8):
+        return 8, None, False
+    grid = _gptq_grid(lin)
+    return None if grid is None else (q.bits, grid[0], grid[2] is not None)
+
+
+def block_quant(lin: LinearWeights) -> BlockQuant | None:
+    """The linear as integer codes with scales and zeros, exactly; None when it has no such form."""
+    q = lin.quant
+    if q is None or q.method is MethodName.NF4:
+        return None
+    t = lin.tensors
+    if q.method in (MethodName.INT8, MethodName.W8):
+        codes = (t["weight"].to(torch.int16) + 128).to(torch.uint8).numpy()
+        scale = t["SCB"].float() / 127.0 if q.method is MethodName.INT8 else t["weight_scale"].float()
+        return BlockQuant(codes, scale[:, None].numpy(), None, 8, None)
+    grid = _gptq_grid(lin)
+    if grid is None:
+        return None
+    block, scales, zeros = grid
+    codes = unpack_qweight(t["qweight"], q.bits).t().contiguous().to(torch.uint8).numpy()
+    return BlockQuant(codes, scales.numpy(), None if zeros is None else zeros.to(torch.uint8).numpy(), q.bits, block)
+
+
+def bnb4(lin: LinearWeights) -> Bnb4 | None:
+    """An NF4 linear as MatMulBnb4 takes it: the stored codes and the float absmax."""
+    if lin.quant is None or lin.quant.method is not MethodName.NF4:
+        return None
+    state = bnbf.QuantState.from_dict(
+        {k: v for k, v in lin.tensors.items() if k != "weight"}, device=torch.device("cpu")
+    )
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    quant_type = {"nf4": 1, "fp4": 0}[state.quant_type]
+    return Bnb4(lin.tensors["weight"].reshape(-1).numpy(), absmax.float().numpy(), int(state.blocksize), quant_type)
+
+
+def requantize(lin: LinearWeights, bits: int, block: int) -> BlockQuant:
+    """Round-to-nearest asymmetric ``bits``-bit blocks of the dequantized weight (NF4 experts)."""
+    cfg = QuantConfig(MethodName.RTN, bits=bits, group_size=block, sym=False)
+    w = torch.from_numpy(lin.dequantized())
+    stored = LinearWeights(lin.prefix, lin.out_features, lin.in_features, cfg, get_method(cfg).quantize(w).tensors)
+    form = block_quant(stored)
+    assert form is not None  # RTN output is always a contiguous-group grid of 4 or 8 bits
+    return form
+
+
+# What a target needs while it builds ------------------------------------------------------------------
+@dataclass
+class ExportContext:
+    """The artifact being exported and the choices made so far (``notes``: component -> ONNX mapping)."""
+
+    cfg: MixtralConfig
+    quant: QuantConfig | None
+    reader: TensorReader
+    dtype: ExportDtype
+    nf4_experts: NF4Experts = NF4Experts.INT8
+    notes: dict[str, set[str]] = field(default_factory=dict)
+
+    def linear(
+        self, prefix: str, out_features: int, in_features: int, skip: frozenset[str] = frozenset()
+    ) -> LinearWeights:
+        return read_linear(self.reader, prefix, out_features, in_features, self.quant, skip)
+
+    def vector(self, name: str) -> np.ndarray:
+        """A float tensor (norm weight, embedding) in the export dtype."""
+        return self.reader.get(name).to(torch.float32).numpy().astype(self.dtype.numpy)
+
+    def note(self, component: str, mapping: str) -> None:
+        self.notes.setdefault(component, set()).add(mapping)
+
+
+def rotary_cache(cfg: MixtralConfig, full: bool) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin float32 ``[max_positions, D/2]`` (``[.., D]`` with ``full``), as :func:`rotary_tables` computes."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    freqs = torch.arange(cfg.max_position_embeddings).float()[:, None] * inv_freq  # [P, D/2]
+    if full:
+        freqs = torch.cat((freqs, freqs), dim=-1)
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+def rms_norm_ops(g: GraphBuilder, x: str, weight: np.ndarray, eps: float) -> str:
+    """``weight * (x * rsqrt(mean(x^2) + eps))`` in ai.onnx ops, computed in float32 for fp16 inputs.
+
+    onnxruntime's SimplifiedLayerNormalization sits in the ai.onnx domain, which the ONNX checker
+    rejects, so the ORT target uses this too where no residual add can be fused.
+    """
+    fp16 = weight.dtype == np.float16
+    xf = g.op("Cast", x, to=TensorProto.FLOAT) if fp16 else x
+    mean_sq = g.op("ReduceMean", g.op("Mul", xf, xf), axes=[-1], keepdims=1)
+    inv = g.op("Reciprocal", g.op("Sqrt", g.op("Add", mean_sq, g.const(eps, np.float32))))
+    y = g.op("Mul", xf, inv)
+    y = g.op("Cast", y, to=TensorProto.FLOAT16) if fp16 else y
+    return g.op("Mul", g.initializer("norm.weight", weight), y)
+
+
+def float_matmul(g: GraphBuilder, ctx: ExportContext, x: str, weight: np.ndarray, hint: str) -> str:
+    """``x @ weight.T`` for a float ``weight [out, in]`` stored transposed in the export dtype."""
+    w = g.initializer(f"{hint}.weight_t", np.ascontiguousarray(weight.T.astype(ctx.dtype.numpy)))
+    return g.op("MatMul", x, w)
+
+
+@dataclass
+class Signals:
+    """Graph values every layer reads, computed once from input_ids and attention_mask."""
+
+    batch: str  # int64 [1]
+    seq: str  # int64 [1], new tokens S
+    total: str  # int64 [1], cached + new T
+    positions: str  # int64 [B, S]: cumsum(mask) - 1, clamped at 0, last S
+    key_real: str  # bool [B, T]: attention_mask == 1
+    q_idx: str  # int64 [S, 1]: padded index of each new token (T - S + s)
+    k_idx: str  # int64 [1, T]
+    self_key: str  # bool [S, T]: k == q (a padding query still sees itself)
