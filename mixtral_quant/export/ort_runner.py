@@ -4,7 +4,7 @@ This is what ``generate --backend onnx`` calls. The session's own input list say
 there are and the KV dtype and shape, so a folder from either target (fp32 or fp16) runs as is.
 
     decoder = OnnxDecoder(Path("exports/tiny-onnx"))
-    tokens = generate(decoder, [[1, 415, 2936], [1, 22557]], max_new_tokens=20, eos_token_id=2)
+    tokens = generate(decoder, [[1, 415, 2936], [1, 22557]], Sampling(max_new_tokens=20), eos_id=2)
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -24,19 +25,32 @@ Past = dict[str, np.ndarray]
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
+class SamplingSettings(Protocol):
+    """What generation reads from its settings (``mixtral_quant.generate.Sampling`` has these fields)."""
+
+    @property
+    def max_new_tokens(self) -> int: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """``temperature`` 0 is greedy; otherwise softmax(logits / temperature) cut to top_k / top_p."""
+    """Greedy when ``temperature`` is 0; else softmax(logits / temperature) cut to the top_p nucleus."""
 
+    max_new_tokens: int = 64
     temperature: float = 0.0
-    top_k: int = 0  # 0: no cut
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
             raise MixtralQuantError(
-                f"invalid sampling settings {self}: temperature >= 0, top_k >= 0 and 0 < top_p <= 1 are required"
+                f"invalid sampling settings {self}: max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1"
             )
 
 
@@ -87,21 +101,18 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.nd
     return ids, mask
 
 
-def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
+def next_tokens(logits: np.ndarray, sampling: SamplingSettings, rng: np.random.Generator) -> np.ndarray:
     """One token per row from last-position logits [B, V]."""
     if sampling.temperature == 0.0:
         return logits.argmax(-1)
     scaled = logits.astype(np.float64) / sampling.temperature
-    if sampling.top_k:
-        kth = np.sort(scaled, axis=-1)[:, -min(sampling.top_k, scaled.shape[-1])][:, None]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
     probs = np.exp(scaled - scaled.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     if sampling.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1)
+        order = np.argsort(-probs, axis=-1, kind="stable")
         sorted_p = np.take_along_axis(probs, order, -1)
-        drop = np.cumsum(sorted_p, -1) - sorted_p >= sampling.top_p  # keep the smallest prefix reaching top_p
-        np.put_along_axis(probs, order, np.where(drop, 0.0, sorted_p), -1)
+        keep = np.cumsum(sorted_p, -1) - sorted_p < sampling.top_p  # the smallest prefix reaching top_p
+        np.put_along_axis(probs, order, np.where(keep, sorted_p, 0.0), -1)
         probs /= probs.sum(-1, keepdims=True)
     return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
 
@@ -109,27 +120,26 @@ def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator
 def generate(
     decoder: OnnxDecoder,
     prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    sampling: Sampling = Sampling(),
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
+    sampling: SamplingSettings = Sampling(),
+    eos_id: int | None = None,
+    pad_id: int = 0,
 ) -> list[list[int]]:
-    """New tokens for each prompt (a row stops after its eos token)."""
-    ids, mask = left_pad(prompts, pad_token_id)
+    """New tokens for each prompt (left-padded into one batch); a row stops after its eos token."""
+    ids, mask = left_pad(prompts, pad_id)
     rng = np.random.default_rng(sampling.seed)
     logits, past = decoder.step(ids, mask, decoder.empty_past(len(prompts)))
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
-    for step in range(max_new_tokens):
+    for step in range(sampling.max_new_tokens):
         tokens = next_tokens(logits[:, -1].astype(np.float32), sampling, rng)
         for row, token in enumerate(tokens):
             if not done[row]:
                 out[row].append(int(token))
-        if eos_token_id is not None:
-            done |= tokens == eos_token_id
-        if done.all() or step == max_new_tokens - 1:
+        if eos_id is not None:
+            done |= tokens == eos_id
+        if done.all() or step == sampling.max_new_tokens - 1:
             break
-        tokens = np.where(done, pad_token_id, tokens)
+        tokens = np.where(done, pad_id, tokens)
         mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
         logits, past = decoder.step(tokens[:, None], mask, past)
     return out

@@ -1,0 +1,290 @@
+"""ONNX export: the exported graph, run by onnxruntime on CPU, gives the logits of the PyTorch model
+of the same variant (built from the same stored tensors, dequantized), for a prefill and 20 decode
+steps with the KV cache, batch 1 and a left-padded batch 2, with sequences longer than the window.
+
+Tolerances are max |logit difference| over all positions; logits here have a spread of a few units.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mixtral_quant.cache import KVCache
+from mixtral_quant.config import MixtralConfig, MoEArgs
+from mixtral_quant.errors import MixtralQuantError
+from mixtral_quant.export import DATA_FILE, EXPORT_INFO, MODEL_FILE, ExportDtype, NF4Experts, Target, export_onnx
+from mixtral_quant.export.common import load_variant, read_linear
+from mixtral_quant.export.ort_runner import OnnxDecoder, Sampling, generate, left_pad
+from mixtral_quant.model import MixtralForCausalLM
+from mixtral_quant.quant import MethodName, QuantConfig, get_method
+
+WINDOW = 8
+PROMPT = 12  # longer than the window; 20 decode steps go further past it
+DECODE_STEPS = 20
+
+TINY = MixtralConfig(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+    sliding_window=WINDOW,
+    moe=MoEArgs(num_local_experts=4, num_experts_per_tok=2),
+    torch_dtype="float32",
+)
+QUANT = {
+    "fp32": None,
+    "gptq4": QuantConfig(MethodName.GPTQ, bits=4, group_size=32, sym=True),
+    "gptq4-asym": QuantConfig(MethodName.GPTQ, bits=4, group_size=32, sym=False),
+    "gptq8": QuantConfig(MethodName.GPTQ, bits=8, group_size=32, sym=False),
+    "gptq3": QuantConfig(MethodName.GPTQ, bits=3, group_size=32),
+    "int8": QuantConfig.for_method(MethodName.INT8),
+    "w8": QuantConfig.for_method(MethodName.W8),
+    "nf4": QuantConfig(MethodName.NF4, double_quant=True),
+}
+
+
+def is_quantized_linear(name: str) -> bool:
+    """Attention projections, experts and the dense MLP; never the router or lm_head."""
+    return name.endswith(".weight") and any(s in name for s in (".self_attn.", ".experts.", ".mlp."))
+
+
+def save_artifact(model: MixtralForCausalLM, folder: Path, quant: QuantConfig | None) -> Path:
+    """A Hugging Face layout folder; quantized linears through ``get_method(quant).quantize``."""
+    folder.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        if quant is not None and is_quantized_linear(name):
+            stored = get_method(quant).quantize(t.detach().clone()).tensors
+            tensors.update({f"{name.removesuffix('.weight')}.{k}": v.contiguous() for k, v in stored.items()})
+        else:
+            tensors[name] = t.detach().contiguous()
+    save_file(tensors, str(folder / "model.safetensors"))
+    extra = None if quant is None else {"quantization_config": get_method(quant).quantization_config()}
+    model.cfg.save(folder / "config.json", extra)
+    return folder
+
+
+def random_model(cfg: MixtralConfig, seed: int = 0) -> MixtralForCausalLM:
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def reference_model(folder: Path) -> MixtralForCausalLM:
+    """The PyTorch model of the variant: the artifact's tensors, quantized linears dequantized."""
+    config, quant, reader = load_variant(folder)
+    cfg = MixtralConfig.from_hf_dict(config)
+    model = MixtralForCausalLM(cfg).eval()
+    state = {}
+    for name, t in model.state_dict().items():
+        if is_quantized_linear(name):
+            lin = read_linear(reader, name.removesuffix(".weight"), t.shape[0], t.shape[1], quant)
+            state[name] = torch.from_numpy(lin.dequantized())
+        else:
+            state[name] = reader.get(name).float()
+    model.load_state_dict(state)
+    return model
+
+
+def inputs(batch: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prompt ids and mask (row 1 of a batch of 2 left-padded by 5) and the decode tokens."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(3, TINY.vocab_size, PROMPT).tolist()]
+    if batch == 2:
+        prompts.append(rng.integers(3, TINY.vocab_size, PROMPT - 5).tolist())
+    ids, mask = left_pad(prompts, pad_token_id=0)
+    return ids, mask, rng.integers(3, TINY.vocab_size, (batch, DECODE_STEPS))
+
+
+def torch_logits(model: MixtralForCausalLM, ids: np.ndarray, mask: np.ndarray, steps: np.ndarray) -> list[np.ndarray]:
+    cache = KVCache(model.cfg, ids.shape[0], ids.shape[1] + steps.shape[1])
+    m = torch.from_numpy(mask)
+    with torch.no_grad():
+        out = [model(torch.from_numpy(ids), m, cache).logits.numpy()]
+        for t in range(steps.shape[1]):
+            m = torch.cat([m, torch.ones(m.shape[0], 1, dtype=m.dtype)], 1)
+            out.append(model(torch.from_numpy(steps[:, t : t + 1]), m, cache).logits.numpy())
+    return out
+
+
+def onnx_logits(folder: Path, ids: np.ndarray, mask: np.ndarray, steps: np.ndarray) -> list[np.ndarray]:
+    decoder = OnnxDecoder(folder, threads=1)
+    logits, past = decoder.step(ids, mask, decoder.empty_past(ids.shape[0]))
+    out = [logits]
+    for t in range(steps.shape[1]):
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)
+        logits, past = decoder.step(steps[:, t : t + 1], mask, past)
+        out.append(logits)
+    return out
+
+
+def max_error(folder: Path, onnx_dir: Path) -> float:
+    """Worst |logit difference| over prefill and decode, batch 1 and left-padded batch 2."""
+    model = reference_model(folder)
+    worst = 0.0
+    for batch in (1, 2):
+        ids, mask, steps = inputs(batch)
+        for ref, got in zip(
+            torch_logits(model, ids, mask, steps), onnx_logits(onnx_dir, ids, mask, steps), strict=True
+        ):
+            assert got.shape == ref.shape and got.dtype == np.float32
+            worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("artifacts")
+    moe = random_model(TINY)
+    made = {name: save_artifact(moe, root / name, q) for name, q in QUANT.items()}
+    dense = random_model(replace(TINY, moe=None), seed=2)
+    made["dense"] = save_artifact(dense, root / "dense", None)
+    made["dense-gptq4"] = save_artifact(dense, root / "dense-gptq4", QUANT["gptq4"])
+    return made
+
+
+def export(artifacts: dict[str, Path], tmp_path: Path, variant: str, target: Target, **kw: Any) -> Path:
+    return export_onnx(artifacts[variant], tmp_path / f"{variant}-{target.value}", target, progress=False, **kw)
+
+
+# variant, target, tolerance (max |logit diff|; measured value in the comment), op each component became
+FP32_CASES = [
+    ("fp32", Target.ORT, 1e-4, {"experts": "MoE (float)"}),  # 9.5e-7
+    ("fp32", Target.STANDARD, 1e-4, {"experts": "dense over all experts, [N, E] mixing weights"}),  # 9.5e-7
+    ("gptq4", Target.ORT, 1e-4, {"experts": "QMoE 4-bit block 32", "attention": "MatMulNBits 4-bit block 32"}),
+    ("gptq4", Target.STANDARD, 1e-4, {"attention": "MatMul (dequantized float)"}),  # 9.5e-7
+    ("gptq4-asym", Target.ORT, 1e-4, {"experts": "QMoE 4-bit block 32"}),  # 8.3e-7, zero points given
+    (
+        "gptq8",
+        Target.ORT,
+        2e-2,
+        {"experts": "QMoE 8-bit block 32"},
+    ),  # 4.4e-3: block-wise 8-bit QMoE uses int8 activations
+    ("gptq8", Target.STANDARD, 1e-4, {"experts": "dense over all experts, [N, E] mixing weights, dequantized float"}),
+    ("gptq3", Target.ORT, 1e-4, {"experts": "MoE (dequantized float)", "attention": "MatMul (dequantized float)"}),
+    ("int8", Target.ORT, 1e-4, {"experts": "QMoE 8-bit per-row scales", "attention": "MatMulNBits 8-bit block 64"}),
+    ("int8", Target.STANDARD, 1e-4, {"attention": "MatMul (dequantized float)"}),  # 8.3e-7
+    ("w8", Target.ORT, 1e-4, {"experts": "QMoE 8-bit per-row scales"}),  # 8.3e-7
+    ("nf4", Target.ORT, 2e-2, {"experts": "QMoE 8-bit block 64", "attention": "MatMulBnb4 block 64"}),  # 5.8e-3
+    ("nf4", Target.STANDARD, 1e-4, {"attention": "MatMul (dequantized float)"}),  # 7.2e-7
+    ("dense", Target.ORT, 1e-4, {"mlp": "MatMul (float)"}),  # 7.2e-7
+    ("dense", Target.STANDARD, 1e-4, {"mlp": "MatMul (float)"}),  # 8.9e-7
+    ("dense-gptq4", Target.ORT, 1e-4, {"mlp": "MatMulNBits 4-bit block 32"}),  # 8.3e-7
+]
+
+
+@pytest.mark.parametrize(
+    ("variant", "target", "tol", "mapping"), FP32_CASES, ids=[f"{c[0]}-{c[1].value}" for c in FP32_CASES]
+)
+def test_fp32_logits_match_pytorch(
+    artifacts: dict[str, Path], tmp_path: Path, variant: str, target: Target, tol: float, mapping: dict[str, str]
+) -> None:
+    out = export(artifacts, tmp_path, variant, target)
+    onnx.checker.check_model(str(out / MODEL_FILE))
+    info = json.loads((out / EXPORT_INFO).read_text())
+    for component, op in mapping.items():
+        assert op in info["mappings"][component], info["mappings"]
+    assert max_error(artifacts[variant], out) < tol
+
+
+@pytest.mark.parametrize(("choice", "tol"), [(NF4Experts.FLOAT, 1e-4), (NF4Experts.INT4, 0.15)])
+def test_nf4_expert_choices(artifacts: dict[str, Path], tmp_path: Path, choice: NF4Experts, tol: float) -> None:
+    """Float experts are exact (7e-7); 4-bit re-quantization measured 5.7e-2 (8-bit, the default: 5.8e-3)."""
+    out = export(artifacts, tmp_path, "nf4", Target.ORT, nf4_experts=choice)
+    assert max_error(artifacts["nf4"], out) < tol
+
+
+@pytest.mark.parametrize("target", [Target.ORT, Target.STANDARD], ids=lambda t: t.value)
+@pytest.mark.parametrize("variant", ["fp32", "gptq4"])
+def test_fp16_export(artifacts: dict[str, Path], tmp_path: Path, variant: str, target: Target) -> None:
+    """fp16 against the fp32 PyTorch model: typical per-position error 1e-3; a router near-tie that
+    fp16 flips moves one position by up to 8e-2 (logit spread here: std 0.6)."""
+    out = export(artifacts, tmp_path, variant, target, dtype=ExportDtype.FP16)
+    assert OnnxDecoder(out).kv_dtype == np.float16
+    model = reference_model(artifacts[variant])
+    errors = []
+    for batch in (1, 2):
+        ids, mask, steps = inputs(batch)
+        for ref, got in zip(torch_logits(model, ids, mask, steps), onnx_logits(out, ids, mask, steps), strict=True):
+            errors.append(np.abs(got - ref).max(-1).ravel())
+    per_position = np.concatenate(errors)
+    assert np.quantile(per_position, 0.95) < 5e-3
+    assert per_position.max() < 0.25
+
+
+def test_graph_layout(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    ort_dir = export(artifacts, tmp_path, "gptq4", Target.ORT)
+    std_dir = export(artifacts, tmp_path, "gptq4", Target.STANDARD)
+    for folder in (ort_dir, std_dir):
+        assert (folder / MODEL_FILE).stat().st_size < 200_000 < (folder / DATA_FILE).stat().st_size
+        model = onnx.load(str(folder / MODEL_FILE), load_external_data=False)
+        assert model.ir_version == 10
+        assert {(o.domain, o.version) for o in model.opset_import} == {("", 17), ("com.microsoft", 1)}
+        names = [i.name for i in model.graph.input]
+        assert names[:2] == ["input_ids", "attention_mask"] and names[2:4] == [
+            "past_key_values.0.key",
+            "past_key_values.0.value",
+        ]
+        assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+        dims = [d.dim_param or d.dim_value for d in model.graph.input[2].type.tensor_type.shape.dim]
+        assert dims == ["batch_size", TINY.num_key_value_heads, "past_sequence_length", TINY.head_dim]
+    ort_ops = {(n.domain, n.op_type) for n in onnx.load(str(ort_dir / MODEL_FILE), load_external_data=False).graph.node}
+    assert {
+        ("com.microsoft", "GroupQueryAttention"),
+        ("com.microsoft", "QMoE"),
+        ("com.microsoft", "MatMulNBits"),
+    } <= ort_ops
+    std_ops = {n.domain for n in onnx.load(str(std_dir / MODEL_FILE), load_external_data=False).graph.node}
+    assert std_ops == {""}
+
+
+def test_output_folder_is_atomic(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(MixtralQuantError, match="already exists"):
+        export_onnx(artifacts["fp32"], out, progress=False)
+    export_onnx(artifacts["fp32"], out, overwrite=True, progress=False)
+    assert not (out / "stale.txt").exists() and (out / MODEL_FILE).is_file()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((artifacts["fp32"] / "config.json").read_text())
+    with pytest.raises(MixtralQuantError):
+        export_onnx(broken, tmp_path / "never", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "onnx"]  # no temporary folder left
+
+
+def test_runner_generates_like_pytorch(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """Greedy tokens of a left-padded batch equal PyTorch's greedy tokens for each prompt alone."""
+    decoder = OnnxDecoder(export(artifacts, tmp_path, "gptq4", Target.ORT), threads=1)
+    model = reference_model(artifacts["gptq4"])
+    prompts = [[5, 17, 300, 41, 9, 77, 12, 250, 3, 90, 61], [400, 8, 33]]
+    got = generate(decoder, prompts, Sampling(max_new_tokens=12))
+    for prompt, tokens in zip(prompts, got, strict=True):
+        cache = KVCache(model.cfg, 1, len(prompt) + 12)
+        ids, expected = torch.tensor([prompt]), []
+        with torch.no_grad():
+            for _ in range(12):
+                ids = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+                expected.append(int(ids))
+        assert tokens == expected
+    sampled = Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
+    assert generate(decoder, prompts, sampled) == generate(decoder, prompts, sampled)
+    assert generate(decoder, prompts, Sampling(max_new_tokens=8, temperature=1.0, top_p=1e-6)) == [t[:8] for t in got]
