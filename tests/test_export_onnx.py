@@ -21,8 +21,23 @@ from safetensors.torch import save_file
 from mixtral_quant.cache import KVCache
 from mixtral_quant.config import MixtralConfig, MoEArgs
 from mixtral_quant.errors import MixtralQuantError
-from mixtral_quant.export import DATA_FILE, EXPORT_INFO, MODEL_FILE, ExportDtype, NF4Experts, Target, export_onnx
-from mixtral_quant.export.common import load_variant, read_linear
+from mixtral_quant.export import (
+    ATTENTION_MASK,
+    DATA_FILE,
+    EXPORT_INFO,
+    INPUT_IDS,
+    LOGITS,
+    MODEL_FILE,
+    PAST_KEY,
+    PAST_VALUE,
+    PRESENT_KEY,
+    PRESENT_VALUE,
+    ExportDtype,
+    NF4Experts,
+    Target,
+    export_onnx,
+)
+from mixtral_quant.export.common import LinearWeights, block_quant, load_variant, read_linear
 from mixtral_quant.export.ort_runner import OnnxDecoder, Sampling, generate, left_pad
 from mixtral_quant.model import MixtralForCausalLM
 from mixtral_quant.quant import MethodName, QuantConfig, get_method
@@ -288,3 +303,91 @@ def test_runner_generates_like_pytorch(artifacts: dict[str, Path], tmp_path: Pat
     sampled = Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
     assert generate(decoder, prompts, sampled) == generate(decoder, prompts, sampled)
     assert generate(decoder, prompts, Sampling(max_new_tokens=8, temperature=1.0, top_p=1e-6)) == [t[:8] for t in got]
+
+
+@pytest.mark.parametrize("variant", ["gptq4", "gptq4-asym", "gptq8", "int8", "w8"])
+def test_block_forms_are_exact(artifacts: dict[str, Path], variant: str) -> None:
+    """(codes - zero) * scale over blocks of K reproduces the method's own dequantization bit for bit."""
+    _, quant, reader = load_variant(artifacts[variant])
+    lin = read_linear(
+        reader, "model.layers.1.block_sparse_moe.experts.2.w2", TINY.hidden_size, TINY.intermediate_size, quant
+    )
+    form = block_quant(lin)
+    assert form is not None
+    block = form.block or lin.in_features
+    zeros = form.zeros if form.zeros is not None else np.full(form.scales.shape, 2 ** (form.bits - 1), np.uint8)
+    expanded = np.repeat(form.scales, block, 1) * (
+        form.codes.astype(np.float32) - np.repeat(zeros, block, 1).astype(np.float32)
+    )
+    np.testing.assert_array_equal(expanded, lin.dequantized())
+
+
+def test_act_order_gptq_falls_back_to_float() -> None:
+    """Act-order without static groups scatters each group over K: no block form, so dequantized float."""
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128), torch.randn(256, 128) * torch.linspace(0.1, 3, 128)
+    cfg = QuantConfig(MethodName.GPTQ, bits=4, group_size=32, act_order=True, static_groups=False)
+    tensors = get_method(cfg).quantize(w, x.T @ x).tensors
+    lin = LinearWeights("p", 64, 128, cfg, tensors)
+    assert block_quant(lin) is None and lin.dequantized().shape == (64, 128)
+
+
+def test_sharded_artifact(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """model.safetensors.index.json with two shards reads like one file."""
+    src, folder = artifacts["gptq4"], tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    _, _, reader = load_variant(src)
+    names = sorted(reader.names)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, part in shards.items():
+        save_file({n: reader.get(n) for n in part}, str(folder / shard))
+    index = {"weight_map": {n: shard for shard, part in shards.items() for n in part}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert max_error(src, export_onnx(folder, tmp_path / "onnx", progress=False)) < 1e-4
+
+
+def genai_config(cfg: MixtralConfig, share_buffer: bool) -> dict[str, Any]:
+    """The minimal genai_config.json onnxruntime-genai 0.18 needs (export/genai.py writes the real one)."""
+    names = {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK, "past_key_names": PAST_KEY}
+    names["past_value_names"] = PAST_VALUE
+    outputs = {"logits": LOGITS, "present_key_names": PRESENT_KEY, "present_value_names": PRESENT_VALUE}
+    sizes = ("head_dim", "hidden_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads")
+    decoder = {("head_size" if k == "head_dim" else k): getattr(cfg, k) for k in sizes}
+    decoder |= {"filename": MODEL_FILE, "session_options": {}, "inputs": names, "outputs": outputs}
+    model = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "context_length": cfg.max_position_embeddings}
+    search = {"max_length": 40, "past_present_share_buffer": share_buffer, "do_sample": False, "num_beams": 1}
+    return {"model": {**model, "vocab_size": cfg.vocab_size, "type": "mistral", "decoder": decoder}, "search": search}
+
+
+@pytest.mark.parametrize(
+    ("target", "share_buffer"), [(Target.ORT, True), (Target.ORT, False), (Target.STANDARD, False)], ids=str
+)
+def test_onnxruntime_genai_generates_like_runner(
+    artifacts: dict[str, Path], tmp_path: Path, target: Target, share_buffer: bool
+) -> None:
+    """onnxruntime-genai feeds only ids, mask and past; its greedy tokens equal the runner's. GQA also
+    takes genai's shared max-length KV buffer; the standard target's Concat needs it off."""
+    og = pytest.importorskip("onnxruntime_genai")
+    out = export(artifacts, tmp_path, "gptq4", target)
+    (out / "genai_config.json").write_text(json.dumps(genai_config(TINY, share_buffer)))
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=25)
+    generator = og.Generator(model, params)
+    prompt = [5, 17, 300, 41, 9, 77, 12, 250, 3, 90, 61]
+    generator.append_tokens(np.array([prompt], dtype=np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    tokens = [int(t) for t in generator.get_sequence(0)][len(prompt) :]
+    assert tokens == generate(OnnxDecoder(out), [prompt], Sampling(max_new_tokens=len(tokens)))[0]
+
+
+TINY_ASSET = Path(__file__).resolve().parents[1] / "mixtral_quant" / "assets" / "tiny-mixtral"
+
+
+@pytest.mark.skipif(not (TINY_ASSET / "model.safetensors").is_file(), reason="the embedded tiny model is not built yet")
+@pytest.mark.parametrize("target", [Target.ORT, Target.STANDARD], ids=lambda t: t.value)
+def test_embedded_tiny_model(tmp_path: Path, target: Target) -> None:
+    out = export_onnx(TINY_ASSET, tmp_path / "tiny", target, progress=False)
+    assert max_error(TINY_ASSET, out) < 1e-3

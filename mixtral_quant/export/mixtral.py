@@ -210,6 +210,8 @@ def export_info(ctx: ExportContext, variant: Path, target: Target) -> dict[str, 
         "quantization": None if ctx.quant is None else ctx.quant.method.value,
         "bits": None if ctx.quant is None else ctx.quant.bits,
         "nf4_experts": ctx.nf4_experts.value,
+        # GroupQueryAttention writes into onnxruntime-genai's shared max-length KV buffer; Concat cannot
+        "past_present_share_buffer": target is Target.ORT,
         "mappings": {k: sorted(v) for k, v in sorted(ctx.notes.items())},
         "model_file": MODEL_FILE,
         "data_file": DATA_FILE,

@@ -7,7 +7,9 @@
   is wrong for left-padded rows, so rotary runs outside. Every row is given the padded length
   (``seqlens_k = total_length - 1``) and padding enters through ``attention_bias``; the kernel's
   window is then in padded indices, and ``local_window_size = sliding_window`` reproduces
-  "q - k < window" exactly (checked numerically: ``sliding_window - 1`` does not);
+  "q - k < window" exactly (checked numerically: ``sliding_window - 1`` does not). The bias lets a
+  padding query see itself, as the reference does. GQA also accepts onnxruntime-genai's shared
+  max-length KV buffer (``past_present_share_buffer``), the standard target's Concat does not;
 - linears: MatMulNBits (GPTQ 4/8-bit, LLM.int8 and W8 as 8-bit with zero point 128), MatMulBnb4
   (NF4 codes and absmax as stored), else MatMul on the float weight;
 - experts: QMoE when every expert linear has one block form (same bits and block): GPTQ 4/8-bit
@@ -67,7 +69,6 @@ class OrtOps:
     def __init__(self, ctx: ExportContext) -> None:
         self.ctx = ctx
         self.cfg = ctx.cfg
-        self.elem = TensorProto.FLOAT if ctx.dtype.numpy == np.float32 else TensorProto.FLOAT16
 
     def prepare(self, g: GraphBuilder, s: Signals) -> None:
         dt = self.ctx.dtype.numpy

@@ -37,7 +37,6 @@ class StandardOps:
         self.ctx = ctx
         self.cfg = ctx.cfg
         self.fp16 = ctx.dtype.numpy == np.float16
-        self.elem = TensorProto.FLOAT16 if self.fp16 else TensorProto.FLOAT
 
     def to_float(self, g: GraphBuilder, x: str) -> str:
         return g.op("Cast", x, to=TensorProto.FLOAT) if self.fp16 else x
