@@ -1,0 +1,106 @@
+"""What a model folder holds: parameters and bytes by component and dtype, bits per parameter, shards.
+
+Counted from the safetensors headers and the config alone, so it is instant on a 93 GB checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointReader, load_config, quantization_config, resolve_model
+from .config import MixtralConfig
+from .model import MixtralForCausalLM, component_of, parameter_groups
+
+COMPONENTS = ("experts", "attention", "router", "embeddings", "norms")
+
+
+def parameter_counts(cfg: MixtralConfig) -> dict[str, int]:
+    """Parameters of the fp model by component (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg)
+    return parameter_groups(model)
+
+
+@dataclass
+class Inventory:
+    folder: Path
+    config: MixtralConfig
+    quantization: dict[str, object] | None
+    params: dict[str, int]
+    bytes_by_component: dict[str, int] = field(default_factory=dict)
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, int] = field(default_factory=dict)  # file name -> bytes on disk
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_component.values())
+
+    def bits_per_param(self, component: str | None = None) -> float:
+        if component is None:
+            return 8 * self.total_bytes / max(1, self.total_params)
+        return 8 * self.bytes_by_component.get(component, 0) / max(1, self.params.get(component, 0))
+
+
+def inventory(folder: str | Path | None) -> Inventory:
+    path = resolve_model(folder)
+    cfg = load_config(path)
+    inv = Inventory(path, cfg, quantization_config(path), parameter_counts(cfg))
+    with CheckpointReader(path) as reader:
+        for name in reader.names:
+            n = reader.nbytes(name)
+            comp = component_of(name)
+            inv.bytes_by_component[comp] = inv.bytes_by_component.get(comp, 0) + n
+            dt = reader.dtype(name)
+            inv.bytes_by_dtype[dt] = inv.bytes_by_dtype.get(dt, 0) + n
+        inv.shards = {f.name: f.stat().st_size for f in reader.files}
+    return inv
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def human_count(n: float) -> str:
+    for unit, k in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= k:
+            return f"{n / k:.2f}{unit}"
+    return str(int(n))
+
+
+def format_inventory(inv: Inventory) -> str:
+    cfg = inv.config
+    lines = [f"model      {inv.folder}", f"type       {cfg.model_type}"]
+    q = inv.quantization
+    lines.append(f"quantized  {q.get('quant_method')} {q.get('bits', '')}".rstrip() if q else "quantized  no")
+    lines.append(
+        f"shape      {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
+        f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, head_dim {cfg.head_dim}, vocab {cfg.vocab_size}"
+    )
+    if cfg.moe is not None:
+        lines.append(f"moe        {cfg.moe.num_local_experts} experts, top-{cfg.moe.num_experts_per_tok}")
+    lines.append(f"rope       theta {cfg.rope_theta:g}; sliding window {cfg.sliding_window}; "
+                 f"context {cfg.max_position_embeddings}")
+    lines.append("")
+    lines.append(f"{'component':<12}{'params':>12}{'bytes':>14}{'bits/param':>12}")
+    for comp in COMPONENTS:
+        if inv.params.get(comp, 0) == 0 and comp not in inv.bytes_by_component:
+            continue
+        lines.append(f"{comp:<12}{human_count(inv.params.get(comp, 0)):>12}"
+                     f"{human_bytes(inv.bytes_by_component.get(comp, 0)):>14}{inv.bits_per_param(comp):>12.3f}")
+    lines.append(f"{'total':<12}{human_count(inv.total_params):>12}{human_bytes(inv.total_bytes):>14}"
+                 f"{inv.bits_per_param():>12.3f}")
+    lines.append("")
+    lines.append("by dtype   " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(inv.bytes_by_dtype.items())))
+    lines.append("shards     " + ", ".join(f"{k} ({human_bytes(v)})" for k, v in inv.shards.items()))
+    return "\n".join(lines)

@@ -1,0 +1,146 @@
+"""Load any model folder (fp16/bf16 checkpoint or quantized artifact) into the reference model.
+
+The model is built on the meta device and each module is filled from the checkpoint one tensor
+at a time; a linear whose stored tensors carry a quantization method's names becomes that
+method's runtime module. Every expected tensor must be there with its exact shape and every
+stored tensor must be used, so a partial or foreign checkpoint fails with its name, never with a
+randomly initialised weight.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointReader, check_tensor, load_config, quantization_config, resolve_model
+from .config import MixtralConfig
+from .errors import CheckpointError, ConfigError
+from .model import MixtralForCausalLM
+from .quant import MethodName, QuantConfig, get_method
+from .quant.base import Method
+
+
+def quant_config_from_hf(d: dict[str, Any]) -> QuantConfig:
+    """The QuantConfig a config.json 'quantization_config' describes."""
+    method = d.get("quant_method")
+    if method == "gptq":
+        if d.get("format", "gptq") not in ("gptq", None) or d.get("checkpoint_format", "gptq") != "gptq":
+            raise ConfigError(f"GPTQ format {d.get('format')!r} is not supported; only 'gptq' (v1 zeros) is")
+        return QuantConfig(
+            MethodName.GPTQ,
+            bits=int(d["bits"]),
+            group_size=int(d.get("group_size", 128)),
+            sym=bool(d.get("sym", True)),
+            act_order=bool(d.get("desc_act", False)),
+            static_groups=bool(d.get("static_groups", True)),
+            damp_percent=float(d.get("damp_percent", 0.01)),
+        )
+    if method == "bitsandbytes":
+        if d.get("load_in_4bit"):
+            if d.get("bnb_4bit_quant_type", "nf4") != "nf4":
+                raise ConfigError(f"bitsandbytes 4-bit type {d.get('bnb_4bit_quant_type')!r} is not supported")
+            return QuantConfig(MethodName.NF4, bits=4, double_quant=bool(d.get("bnb_4bit_use_double_quant", False)))
+        if d.get("load_in_8bit"):
+            return QuantConfig.for_method(MethodName.INT8)
+    if method == "mixtral-quant" and d.get("format") == "w8":
+        return QuantConfig.for_method(MethodName.W8)
+    raise ConfigError(f"quantization_config {d!r} names no method this tool can load (gptq, bitsandbytes, w8)")
+
+
+def _marker(method: Method) -> str:
+    """A stored name that only a quantized linear of this method has (not plain 'weight')."""
+    return next(n for n in method.tensor_names() if n != "weight")
+
+
+def load_model(
+    folder: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> MixtralForCausalLM:
+    """Build the reference model from a folder; quantized linears become runtime modules."""
+    path = resolve_model(folder)
+    cfg = load_config(path)
+    qc = quantization_config(path)
+    method = get_method(quant_config_from_hf(qc)) if qc else None
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg)
+    with CheckpointReader(path) as reader:
+        present = set(reader.names)
+        used: set[str] = set()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear):
+                _load_linear(model, name, module, reader, method, dtype, device, used)
+            elif isinstance(module, nn.Embedding) or name.endswith("norm"):
+                pname = f"{name}.weight"
+                shape = tuple(module.weight.shape)
+                t = _get(reader, pname, shape, dtype, device, path)
+                module.weight = nn.Parameter(t, requires_grad=False)
+                used.add(pname)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        unexpected = sorted(present - used)
+        if unexpected:
+            raise CheckpointError(
+                f"{path} holds tensors the {cfg.model_type} config has no place for: {', '.join(unexpected[:5])}"
+                + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+            )
+    model.eval()
+    return model
+
+
+def _get(
+    reader: CheckpointReader, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
+    folder: Path,
+) -> torch.Tensor:
+    if name not in reader.where:
+        raise CheckpointError(f"tensor {name} is missing from {folder}")
+    t = reader.get(name)
+    check_tensor(name, t, shape, folder)
+    if not t.is_floating_point():
+        raise CheckpointError(f"tensor {name} in {folder} is {t.dtype}, expected a float weight")
+    return t.to(device=device, dtype=dtype)
+
+
+def _load_linear(
+    model: MixtralForCausalLM,
+    name: str,
+    module: nn.Linear,
+    reader: CheckpointReader,
+    method: Method | None,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    used: set[str],
+) -> None:
+    if name == "lm_head" and model.cfg.tie_word_embeddings and "lm_head.weight" not in reader.where:
+        return
+    out_f, in_f = module.out_features, module.in_features
+    if method is not None and f"{name}.{_marker(method)}" in reader.where:
+        tensors = {}
+        for suffix in method.tensor_names():
+            full = f"{name}.{suffix}"
+            if full not in reader.where:
+                raise CheckpointError(f"quantized {name} is missing {full} in {reader.folder}")
+            tensors[suffix] = reader.get(full)
+            used.add(full)
+        quantized = method.make_module(tensors, in_f, out_f).to(device)
+        model.set_submodule(name, quantized)
+        return
+    weight = _get(reader, f"{name}.weight", (out_f, in_f), dtype, device, reader.folder)
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    used.add(f"{name}.weight")
+
+
+def new_model(cfg: MixtralConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> MixtralForCausalLM:
+    """A freshly initialised model (normal(0, initializer_range) weights, unit norms): tests and references."""
+    gen = torch.Generator().manual_seed(seed)
+    model = MixtralForCausalLM(cfg)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * cfg.initializer_range)
+    return model.to(dtype).eval()
