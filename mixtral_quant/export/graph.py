@@ -94,7 +94,8 @@ class GraphBuilder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
         self.initializers: list[TensorProto] = []
-        self._names: set[str] = set()
+        self._names: set[str] = set()  # every name handed out
+        self._defined: set[str] = set()  # names some node produces (single assignment)
         self._counter = 0
         self._consts: dict[tuple[bytes, str, tuple[int, ...]], str] = {}
         self.scope = ""
@@ -138,11 +139,16 @@ class GraphBuilder:
         outputs: Sequence[str] | None = None,
         **attrs: Any,
     ) -> list[str]:
-        """Add a node; return its output names (``""`` in ``outputs`` leaves that output unused)."""
+        """Add a node; return its output names. ``outputs`` may name them (fresh or graph-output names);
+        ``""`` there leaves that output unused."""
         if outputs is None:
             outputs = [self.fresh(f"{op_type}/out{i}" if n_outputs > 1 else op_type) for i in range(n_outputs)]
-        else:
-            outputs = [o if o == "" or o in self._names else self._claim(o) for o in outputs]
+        for o in outputs:
+            if o in self._defined:
+                raise ValueError(f"graph value {o!r} is produced twice")
+            self._names.add(o)
+            self._defined.add(o)
+        self._defined.discard("")
         attrs = {k: v for k, v in attrs.items() if v is not None}
         node_name = self.fresh(f"{op_type}/node")
         self.nodes.append(
