@@ -8,6 +8,7 @@ Tolerances are max |logit difference| over all positions; logits here have a spr
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from mixtral_quant.cache import KVCache
+from mixtral_quant.checkpoint import CheckpointReader, write_checkpoint
 from mixtral_quant.config import MixtralConfig, MoEArgs
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export import (
@@ -37,10 +39,12 @@ from mixtral_quant.export import (
     Target,
     export_onnx,
 )
-from mixtral_quant.export.common import LinearWeights, block_quant, load_variant, read_linear
-from mixtral_quant.export.ort_runner import OnnxDecoder, Sampling, generate, left_pad
+from mixtral_quant.export.common import LinearWeights, block_quant, open_variant, read_linear
+from mixtral_quant.export.ort_runner import OnnxDecoder, generate, generate_onnx, left_pad
+from mixtral_quant.generate import Sampling
 from mixtral_quant.model import MixtralForCausalLM
 from mixtral_quant.quant import MethodName, QuantConfig, get_method
+from mixtral_quant.tokenizer import Tokenizer
 
 WINDOW = 8
 PROMPT = 12  # longer than the window; 20 decode steps go further past it
@@ -104,16 +108,15 @@ def random_model(cfg: MixtralConfig, seed: int = 0) -> MixtralForCausalLM:
 
 def reference_model(folder: Path) -> MixtralForCausalLM:
     """The PyTorch model of the variant: the artifact's tensors, quantized linears dequantized."""
-    config, quant, reader = load_variant(folder)
-    cfg = MixtralConfig.from_hf_dict(config)
-    model = MixtralForCausalLM(cfg).eval()
-    state = {}
-    for name, t in model.state_dict().items():
-        if is_quantized_linear(name):
-            lin = read_linear(reader, name.removesuffix(".weight"), t.shape[0], t.shape[1], quant)
-            state[name] = torch.from_numpy(lin.dequantized())
-        else:
-            state[name] = reader.get(name).float()
+    with open_variant(folder) as (cfg, quant, reader):
+        model = MixtralForCausalLM(cfg).eval()
+        state = {}
+        for name, t in model.state_dict().items():
+            if is_quantized_linear(name):
+                lin = read_linear(reader, name.removesuffix(".weight"), t.shape[0], t.shape[1], quant)
+                state[name] = torch.from_numpy(lin.dequantized())
+            else:
+                state[name] = reader.get(name).float()
     model.load_state_dict(state)
     return model
 
@@ -287,8 +290,10 @@ def test_output_folder_is_atomic(artifacts: dict[str, Path], tmp_path: Path) -> 
 
 
 def test_runner_generates_like_pytorch(artifacts: dict[str, Path], tmp_path: Path) -> None:
-    """Greedy tokens of a left-padded batch equal PyTorch's greedy tokens for each prompt alone."""
-    decoder = OnnxDecoder(export(artifacts, tmp_path, "gptq4", Target.ORT), threads=1)
+    """Greedy tokens of a left-padded batch equal PyTorch's greedy tokens for each prompt alone;
+    sampling with the PyTorch backend's settings and seeding is reproducible."""
+    out = export(artifacts, tmp_path, "gptq4", Target.ORT)
+    decoder = OnnxDecoder(out, threads=1)
     model = reference_model(artifacts["gptq4"])
     prompts = [[5, 17, 300, 41, 9, 77, 12, 250, 3, 90, 61], [400, 8, 33]]
     got = generate(decoder, prompts, Sampling(max_new_tokens=12))
@@ -303,15 +308,28 @@ def test_runner_generates_like_pytorch(artifacts: dict[str, Path], tmp_path: Pat
     sampled = Sampling(max_new_tokens=8, temperature=0.8, top_p=0.9, seed=3)
     assert generate(decoder, prompts, sampled) == generate(decoder, prompts, sampled)
     assert generate(decoder, prompts, Sampling(max_new_tokens=8, temperature=1.0, top_p=1e-6)) == [t[:8] for t in got]
+    eos = got[1][3]
+    assert generate_onnx(out, prompts[1], Sampling(max_new_tokens=12), eos_id=eos) == got[1][: got[1].index(eos) + 1]
+    with pytest.raises(MixtralQuantError, match="context"):
+        generate_onnx(out, prompts[0], Sampling(max_new_tokens=TINY.max_position_embeddings))
+
+
+def test_tokenizer_travels_with_the_export(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """`generate --backend onnx` reads tokenizer.model from the export folder."""
+    variant = tmp_path / "with-tokenizer"
+    shutil.copytree(artifacts["fp32"], variant)
+    shutil.copyfile(TINY_ASSET / "tokenizer.model", variant / "tokenizer.model")
+    out = export_onnx(variant, tmp_path / "onnx", progress=False)
+    assert Tokenizer(out).encode("hello world")[0] == 1
 
 
 @pytest.mark.parametrize("variant", ["gptq4", "gptq4-asym", "gptq8", "int8", "w8"])
 def test_block_forms_are_exact(artifacts: dict[str, Path], variant: str) -> None:
     """(codes - zero) * scale over blocks of K reproduces the method's own dequantization bit for bit."""
-    _, quant, reader = load_variant(artifacts[variant])
-    lin = read_linear(
-        reader, "model.layers.1.block_sparse_moe.experts.2.w2", TINY.hidden_size, TINY.intermediate_size, quant
-    )
+    with open_variant(artifacts[variant]) as (_, quant, reader):
+        lin = read_linear(
+            reader, "model.layers.1.block_sparse_moe.experts.2.w2", TINY.hidden_size, TINY.intermediate_size, quant
+        )
     form = block_quant(lin)
     assert form is not None
     block = form.block or lin.in_features
@@ -333,17 +351,11 @@ def test_act_order_gptq_falls_back_to_float() -> None:
 
 
 def test_sharded_artifact(artifacts: dict[str, Path], tmp_path: Path) -> None:
-    """model.safetensors.index.json with two shards reads like one file."""
+    """Shards with model.safetensors.index.json export like one file."""
     src, folder = artifacts["gptq4"], tmp_path / "sharded"
-    folder.mkdir()
-    (folder / "config.json").write_text((src / "config.json").read_text())
-    _, _, reader = load_variant(src)
-    names = sorted(reader.names)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for shard, part in shards.items():
-        save_file({n: reader.get(n) for n in part}, str(folder / shard))
-    index = {"weight_map": {n: shard for shard, part in shards.items() for n in part}}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with CheckpointReader(src) as reader:
+        assert len(write_checkpoint(((n, reader.get(n)) for n in reader.names), folder, max_shard_bytes=50_000)) > 2
+    shutil.copyfile(src / "config.json", folder / "config.json")
     assert max_error(src, export_onnx(folder, tmp_path / "onnx", progress=False)) < 1e-4
 
 

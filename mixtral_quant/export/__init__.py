@@ -11,6 +11,7 @@ graph I/O names below are what onnxruntime-genai's genai_config.json must list.
 from mixtral_quant.export.common import (
     ATTENTION_MASK,
     DATA_FILE,
+    EXPORT_INFO,
     INPUT_IDS,
     LOGITS,
     MODEL_FILE,
@@ -22,7 +23,7 @@ from mixtral_quant.export.common import (
     NF4Experts,
     Target,
 )
-from mixtral_quant.export.mixtral import EXPORT_INFO, export_onnx
+from mixtral_quant.export.mixtral import export_onnx
 
 __all__ = [
     "ATTENTION_MASK",

@@ -12,22 +12,23 @@ the forms the graphs consume, each exact against ``get_method(cfg).dequantize(te
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import bitsandbytes.functional as bnbf
 import numpy as np
 import torch
 from onnx import TensorProto
-from safetensors import safe_open
 
-from mixtral_quant.config import MixtralConfig, read_config_json
-from mixtral_quant.errors import CheckpointError, ConfigError
+from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization_config
+from mixtral_quant.config import MixtralConfig
+from mixtral_quant.errors import CheckpointError
 from mixtral_quant.export.graph import GraphBuilder
+from mixtral_quant.loading import quant_config_from_hf
 from mixtral_quant.quant import MethodName, QuantConfig, get_method
 from mixtral_quant.quant.packing import unpack_qweight, unpack_qzeros
 
@@ -63,6 +64,7 @@ class NF4Experts(str, Enum):
 # Graph I/O names (onnxruntime-genai and Optimum conventions); %d is the layer index.
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+EXPORT_INFO = "export.json"
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 PAST_KEY = "past_key_values.%d.key"
@@ -73,70 +75,13 @@ PRESENT_VALUE = "present.%d.value"
 
 
 # Artifact reading -----------------------------------------------------------------------------------
-class TensorReader(Protocol):
-    names: set[str]
-
-    def get(self, name: str) -> torch.Tensor: ...
-
-
-class SafetensorsReader:
-    """model.safetensors or shards with model.safetensors.index.json; one tensor per get (mmap)."""
-
-    def __init__(self, folder: Path) -> None:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
-        else:
-            raise CheckpointError(f"no model.safetensors (or index) in {folder}: is it an artifact folder?")
-        self.folder = folder
-        self.shard_of = weight_map
-        self.names = set(weight_map)
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.shard_of:
-            raise CheckpointError(f"tensor {name} is missing from {self.folder}")
-        with safe_open(self.folder / self.shard_of[name], framework="pt") as f:
-            return f.get_tensor(name)
-
-
-def open_reader(folder: Path) -> TensorReader:
-    return SafetensorsReader(folder)
-
-
-def variant_quant_config(config: Mapping[str, Any]) -> QuantConfig | None:
-    """The QuantConfig that config.json's ``quantization_config`` describes (None: float model)."""
-    qc = config.get("quantization_config")
-    if not qc:
-        return None
-    method = qc.get("quant_method")
-    if method == "gptq":
-        if "v2" in str(qc.get("checkpoint_format", qc.get("format", "gptq"))):
-            raise ConfigError("gptq_v2 checkpoints (true zeros) are not supported: export needs the gptq v1 layout")
-        return QuantConfig(
-            MethodName.GPTQ,
-            bits=int(qc["bits"]),
-            group_size=int(qc.get("group_size", 128)),
-            sym=bool(qc.get("sym", True)),
-            act_order=bool(qc.get("desc_act", False)),
-        )
-    if method == "bitsandbytes":
-        if qc.get("load_in_4bit"):
-            if qc.get("bnb_4bit_quant_type", "nf4") != "nf4":
-                raise ConfigError("only NF4 4-bit bitsandbytes checkpoints can be exported")
-            return QuantConfig(MethodName.NF4, double_quant=bool(qc.get("bnb_4bit_use_double_quant", True)))
-        if qc.get("load_in_8bit"):
-            return QuantConfig(MethodName.INT8, bits=8)
-    if method == "mixtral-quant" and qc.get("format") == "w8":
-        return QuantConfig(MethodName.W8, bits=8)
-    raise ConfigError(f"quantization_config {dict(qc)} is not one this exporter knows (gptq, bitsandbytes, w8)")
-
-
-def load_variant(folder: Path) -> tuple[dict[str, Any], QuantConfig | None, TensorReader]:
-    config = read_config_json(folder)
-    return config, variant_quant_config(config), open_reader(folder)
+@contextmanager
+def open_variant(folder: Path) -> Iterator[tuple[MixtralConfig, QuantConfig | None, CheckpointReader]]:
+    """The config, the quantization (None: float) and a memory-mapped reader of an artifact folder."""
+    cfg = load_config(folder)
+    qc = quantization_config(folder)
+    with CheckpointReader(folder) as reader:
+        yield cfg, (quant_config_from_hf(qc) if qc else None), reader
 
 
 # Linear weights and their forms ---------------------------------------------------------------------
@@ -181,7 +126,7 @@ class LinearWeights:
 
 
 def read_linear(
-    reader: TensorReader,
+    reader: CheckpointReader,
     prefix: str,
     out_features: int,
     in_features: int,
@@ -189,9 +134,9 @@ def read_linear(
     skip: frozenset[str] = frozenset(),
 ) -> LinearWeights:
     """The stored tensors of ``prefix`` (less ``skip``): quantized when the method's marker is present."""
-    if quant is not None and f"{prefix}.{_MARKER[quant.method]}" in reader.names:
+    if quant is not None and f"{prefix}.{_MARKER[quant.method]}" in reader.where:
         names = _NF4_NAMES if quant.method is MethodName.NF4 else get_method(quant).tensor_names()
-        tensors = {n: reader.get(f"{prefix}.{n}") for n in names if n not in skip and f"{prefix}.{n}" in reader.names}
+        tensors = {n: reader.get(f"{prefix}.{n}") for n in names if n not in skip and f"{prefix}.{n}" in reader.where}
         return LinearWeights(prefix, out_features, in_features, quant, tensors)
     return LinearWeights(prefix, out_features, in_features, None, {"weight": reader.get(f"{prefix}.weight")})
 
@@ -315,7 +260,7 @@ class ExportContext:
 
     cfg: MixtralConfig
     quant: QuantConfig | None
-    reader: TensorReader
+    reader: CheckpointReader
     dtype: ExportDtype
     nf4_experts: NF4Experts = NF4Experts.INT8
     notes: dict[str, set[str]] = field(default_factory=dict)

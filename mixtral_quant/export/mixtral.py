@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import closing
 from pathlib import Path
 from typing import Protocol
 
@@ -25,11 +26,11 @@ import onnx
 from onnx import TensorProto
 from tqdm import tqdm
 
-from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export.common import (
     ATTENTION_MASK,
     DATA_FILE,
+    EXPORT_INFO,
     INPUT_IDS,
     LOGITS,
     MODEL_FILE,
@@ -44,13 +45,14 @@ from mixtral_quant.export.common import (
     Signals,
     Target,
     float_matmul,
-    load_variant,
+    open_variant,
 )
 from mixtral_quant.export.graph import ExternalData, GraphBuilder, save_model
 from mixtral_quant.export.ort import OrtOps
 from mixtral_quant.export.standard import StandardOps
 
-EXPORT_INFO = "export.json"
+# Copied beside the graph when the variant has them, so `generate --backend onnx` finds its tokenizer.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -151,7 +153,7 @@ def present_names(layer: int) -> tuple[str, str]:
 
 def lm_head_weight(ctx: ExportContext) -> np.ndarray:
     cfg = ctx.cfg
-    if "lm_head.weight" not in ctx.reader.names and cfg.tie_word_embeddings:
+    if "lm_head.weight" not in ctx.reader.where and cfg.tie_word_embeddings:
         return ctx.reader.get("model.embed_tokens.weight").float().numpy()
     return ctx.linear("lm_head", cfg.vocab_size, cfg.hidden_size).dequantized()
 
@@ -166,7 +168,8 @@ def export_onnx(
     *,
     nf4_experts: NF4Experts = NF4Experts.INT8,
 ) -> Path:
-    """Export the artifact folder ``variant`` to ``out`` (model.onnx + model.onnx.data + export.json).
+    """Export the artifact folder ``variant`` to ``out``: model.onnx, model.onnx.data, export.json
+    (source, choices, the op each component became) and the variant's tokenizer files.
 
     The folder is built beside ``out`` under a temporary name and renamed into place once the
     checker has passed; an existing ``out`` is refused unless ``overwrite``.
@@ -174,24 +177,22 @@ def export_onnx(
     variant, out = Path(variant), Path(out)
     if out.exists() and not overwrite:
         raise MixtralQuantError(f"{out} already exists: choose another output folder or overwrite it")
-    config, quant, reader = load_variant(variant)
-    cfg = MixtralConfig.from_hf_dict(config)
-    ctx = ExportContext(cfg, quant, reader, dtype, nf4_experts)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
     try:
-        data = ExternalData(tmp / DATA_FILE)
-        try:
+        with open_variant(variant) as (cfg, quant, reader), closing(ExternalData(tmp / DATA_FILE)) as data:
+            ctx = ExportContext(cfg, quant, reader, dtype, nf4_experts)
             g = GraphBuilder(data, name=f"{cfg.model_type}_decoder")
             build_decoder(g, ctx, make_ops(target, ctx), progress)
-        finally:
-            data.close()
         save_model(
             g.model(doc=f"{cfg.model_type} decoder exported by mixtral-quant from {variant.name}"), tmp / MODEL_FILE
         )
         onnx.checker.check_model(str(tmp / MODEL_FILE))
         info = export_info(ctx, variant, target)
         (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        for name in TOKENIZER_FILES:
+            if (variant / name).is_file():
+                shutil.copyfile(variant / name, tmp / name)
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +216,7 @@ def export_info(ctx: ExportContext, variant: Path, target: Target) -> dict[str, 
         "mappings": {k: sorted(v) for k, v in sorted(ctx.notes.items())},
         "model_file": MODEL_FILE,
         "data_file": DATA_FILE,
+        "max_position_embeddings": cfg.max_position_embeddings,
         "num_hidden_layers": cfg.num_hidden_layers,
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,

@@ -1,7 +1,8 @@
 """Run an exported folder with onnxruntime: prefill, then decode with past/present, greedy or sampled.
 
-This is what ``generate --backend onnx`` calls. The session's own input list says how many layers
-there are and the KV dtype and shape, so a folder from either target (fp32 or fp16) runs as is.
+This is what ``generate --backend onnx`` calls (:func:`generate_onnx`). The session's own input
+list says how many layers there are and the KV dtype and shape, so a folder from either target
+(fp32 or fp16) runs as is; export.json, when present, gives the context length.
 
     decoder = OnnxDecoder(Path("exports/tiny-onnx"))
     tokens = generate(decoder, [[1, 415, 2936], [1, 22557]], Sampling(max_new_tokens=20), eos_id=2)
@@ -9,49 +10,30 @@ there are and the KV dtype and shape, so a folder from either target (fp32 or fp
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import onnxruntime as ort
+import torch
 
 from mixtral_quant.errors import MixtralQuantError
-from mixtral_quant.export.common import ATTENTION_MASK, INPUT_IDS, LOGITS, MODEL_FILE, PAST_KEY, PAST_VALUE
+from mixtral_quant.export.common import (
+    ATTENTION_MASK,
+    EXPORT_INFO,
+    INPUT_IDS,
+    LOGITS,
+    MODEL_FILE,
+    PAST_KEY,
+    PAST_VALUE,
+)
+from mixtral_quant.generate import Sampling, sample_next
 
 Past = dict[str, np.ndarray]
+DEFAULT_SAMPLING = Sampling()  # greedy, 64 new tokens
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-class SamplingSettings(Protocol):
-    """What generation reads from its settings (``mixtral_quant.generate.Sampling`` has these fields)."""
-
-    @property
-    def max_new_tokens(self) -> int: ...
-    @property
-    def temperature(self) -> float: ...
-    @property
-    def top_p(self) -> float: ...
-    @property
-    def seed(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Greedy when ``temperature`` is 0; else softmax(logits / temperature) cut to the top_p nucleus."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.temperature < 0 or not 0.0 < self.top_p <= 1.0:
-            raise MixtralQuantError(
-                f"invalid sampling settings {self}: max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1"
-            )
 
 
 class OnnxDecoder:
@@ -75,6 +57,16 @@ class OnnxDecoder:
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.past_names = [name for i in range(self.num_layers) for name in (PAST_KEY % i, PAST_VALUE % i)]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        info = Path(folder) / EXPORT_INFO
+        self.context = json.loads(info.read_text()).get("max_position_embeddings") if info.is_file() else None
+
+    def check_length(self, total: int) -> None:
+        """MixtralQuantError when ``total`` positions exceed the exported rotary tables."""
+        if self.context is not None and total > self.context:
+            raise MixtralQuantError(
+                f"{total} positions (prompt + new tokens) exceed the model's context of {self.context}: "
+                "shorten the prompt or lower --max-new-tokens"
+            )
 
     def empty_past(self, batch: int) -> Past:
         shape = (batch, self.kv_heads, 0, self.head_dim)
@@ -101,37 +93,26 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.nd
     return ids, mask
 
 
-def next_tokens(logits: np.ndarray, sampling: SamplingSettings, rng: np.random.Generator) -> np.ndarray:
-    """One token per row from last-position logits [B, V]."""
-    if sampling.temperature == 0.0:
-        return logits.argmax(-1)
-    scaled = logits.astype(np.float64) / sampling.temperature
-    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if sampling.top_p < 1.0:
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        sorted_p = np.take_along_axis(probs, order, -1)
-        keep = np.cumsum(sorted_p, -1) - sorted_p < sampling.top_p  # the smallest prefix reaching top_p
-        np.put_along_axis(probs, order, np.where(keep, sorted_p, 0.0), -1)
-        probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
-
-
 def generate(
     decoder: OnnxDecoder,
     prompts: Sequence[Sequence[int]],
-    sampling: SamplingSettings = Sampling(),
+    sampling: Sampling = DEFAULT_SAMPLING,
     eos_id: int | None = None,
     pad_id: int = 0,
 ) -> list[list[int]]:
-    """New tokens for each prompt (left-padded into one batch); a row stops after its eos token."""
+    """New tokens for each prompt (left-padded into one batch); a row stops after its eos token.
+
+    Tokens are chosen by :func:`mixtral_quant.generate.sample_next` with the same seeding as the
+    PyTorch backend, so both backends sample the same tokens from the same logits.
+    """
     ids, mask = left_pad(prompts, pad_id)
-    rng = np.random.default_rng(sampling.seed)
+    decoder.check_length(ids.shape[1] + sampling.max_new_tokens)
+    gen = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
     logits, past = decoder.step(ids, mask, decoder.empty_past(len(prompts)))
     out: list[list[int]] = [[] for _ in prompts]
     done = np.zeros(len(prompts), bool)
     for step in range(sampling.max_new_tokens):
-        tokens = next_tokens(logits[:, -1].astype(np.float32), sampling, rng)
+        tokens = sample_next(torch.from_numpy(logits[:, -1]), sampling, gen).numpy()
         for row, token in enumerate(tokens):
             if not done[row]:
                 out[row].append(int(token))
@@ -141,5 +122,12 @@ def generate(
             break
         tokens = np.where(done, pad_id, tokens)
         mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], axis=1)
-        logits, past = decoder.step(tokens[:, None], mask, past)
+        logits, past = decoder.step(tokens[:, None].astype(np.int64), mask, past)
     return out
+
+
+def generate_onnx(
+    folder: Path, prompt: list[int], sampling: Sampling = DEFAULT_SAMPLING, eos_id: int | None = None
+) -> list[int]:
+    """New token ids after ``prompt`` from an exported folder (EOS included when reached)."""
+    return generate(OnnxDecoder(folder), [prompt], sampling, eos_id)[0]
