@@ -57,6 +57,7 @@ class OnnxDecoder:
         self.kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.past_names = [name for i in range(self.num_layers) for name in (PAST_KEY % i, PAST_VALUE % i)]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == LOGITS).shape[-1])
         info = Path(folder) / EXPORT_INFO
         self.context = json.loads(info.read_text()).get("max_position_embeddings") if info.is_file() else None
 
@@ -107,6 +108,11 @@ def generate(
     """
     ids, mask = left_pad(prompts, pad_id)
     decoder.check_length(ids.shape[1] + sampling.max_new_tokens)
+    if ids.min() < 0 or ids.max() >= decoder.vocab_size:
+        raise MixtralQuantError(
+            f"token id {int(ids.max())} is outside the model's vocabulary of {decoder.vocab_size}: "
+            "is the tokenizer the model's own?"
+        )
     gen = torch.Generator().manual_seed(sampling.seed) if sampling.temperature > 0 else None
     logits, past = decoder.step(ids, mask, decoder.empty_past(len(prompts)))
     out: list[list[int]] = [[] for _ in prompts]
