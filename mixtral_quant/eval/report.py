@@ -23,8 +23,7 @@ JSON schema, ``schema_version`` 1 (a field is added: same version; renamed or ch
     gate            null without a bounds file, else one entry per bound:
                     {variant, bound, limit, measured (null if not measurable), passed}
 
-Files written atomically (temporary file + rename) into the report folder: ``report.json``,
-``report.md``, ``report.html`` (self-contained; plots are inline SVG).
+Written atomically (temp file + rename): ``report.json``, ``report.md``, ``report.html`` (inline SVG plots).
 
 Bounds file (TOML), one table per variant name (the variant folder's name)::
 
@@ -260,7 +259,7 @@ def memory_bars_svg(report: EvalReport) -> str:
     stored = [m.memory.disk_bytes or m.memory.memory_bytes for m in models]
     top = max(sum(s.values()) for s in stored) or 1
     height = _PAD + 26 * len(models) + 40
-    left, width = 140, _W - 160
+    left, width = 140, _W - 140 - 80  # room for the names on the left and the totals on the right
     body = []
     for i, (m, s) in enumerate(zip(models, stored, strict=True)):
         y, x = 20 + 26 * i, float(left)
@@ -272,7 +271,7 @@ def memory_bars_svg(report: EvalReport) -> str:
             x += w
         body.append(_text(x + 4, y + 14, f"{_mib(sum(s.values()))} MiB"))
     for j, c in enumerate(COMPONENTS):
-        lx = left + j * 85
+        lx = 20 + j * 100
         body.append(f'<rect x="{lx}" y="{height - 28}" width="10" height="10" fill="{_COLORS[c]}"/>')
         body.append(_text(lx + 14, height - 19, c))
     return _svg(body, height)
@@ -298,6 +297,7 @@ Settings: {html.escape(json.dumps(report.settings))}.</p>
 <h2>Perplexity against bits per parameter</h2>{ppl_vs_bits_svg(report)}
 <h2>Stored weights by component</h2>{memory_bars_svg(report)}
 {_html_table(*component_rows(report))}
+{"" if report.gate is None else "<h2>Regression gate</h2><pre>" + html.escape(gate_table(report.gate)) + "</pre>"}
 <p>Schema version {report.schema_version}, mixtral-quant {html.escape(report.tool_version)}, {report.created}.</p>
 </body></html>
 """

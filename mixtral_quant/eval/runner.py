@@ -164,6 +164,20 @@ class CheckpointLayers:
             raise CheckpointError(f"{self.reader.folder} holds tensors the model has no place for: {unused[:5]}")
 
 
+@dataclass(frozen=True)
+class _Run:
+    """The settings every model of one evaluation shares."""
+
+    tokens: torch.Tensor
+    windows: list[Window]
+    ctx: int
+    stride: int
+    device: torch.device
+    dtype: torch.dtype
+    layer_sequential: bool
+    progress: bool
+
+
 @dataclass
 class _Loaded:
     """One model under evaluation: resident (plain mode) or read layer by layer."""
@@ -182,11 +196,11 @@ class _Loaded:
         assert self.source is not None
         return self.source
 
-    def outputs(
-        self, tokens: torch.Tensor, windows: list[Window], device: torch.device, router: bool
-    ) -> Iterator[WindowOutput]:
+    def outputs(self, run: _Run, router: bool) -> Iterator[WindowOutput]:
         target: MixtralForCausalLM | LayerSource = self.model if self.model is not None else self._source
-        return window_outputs(target, tokens, windows, device, self.model is None, router_logits=router)
+        return window_outputs(
+            target, run.tokens, run.windows, run.device, self.model is None, router, progress=run.progress
+        )
 
 
 def _weights_bytes(folder: Path, dtype: torch.dtype) -> int:
@@ -292,20 +306,6 @@ def evaluate(
     return report
 
 
-@dataclass(frozen=True)
-class _Run:
-    """The settings every model of one evaluation shares."""
-
-    tokens: torch.Tensor
-    windows: list[Window]
-    ctx: int
-    stride: int
-    device: torch.device
-    dtype: torch.dtype
-    layer_sequential: bool
-    progress: bool
-
-
 def _evaluate_model(folder: Path, run: _Run, base: _Loaded | None) -> tuple[_Loaded, ModelResult]:
     """Load, perplexity, speed, memory and (for a variant) the comparison with ``base``."""
     notes: list[str] = []
@@ -319,7 +319,7 @@ def _evaluate_model(folder: Path, run: _Run, base: _Loaded | None) -> tuple[_Loa
         else:
             loaded = _Loaded(folder.name, folder, load_model(folder, dtype=run.dtype, device=device), None)
         outputs = tqdm(
-            loaded.outputs(tokens, windows, device, router=False),
+            loaded.outputs(run, router=False),
             total=len(windows), desc=f"perplexity {folder.name}", unit="window", leave=False, disable=not run.progress,
         )  # fmt: skip
         ppl = perplexity(outputs, tokens, run.ctx, run.stride, run.layer_sequential)
@@ -337,8 +337,8 @@ def _evaluate_model(folder: Path, run: _Run, base: _Loaded | None) -> tuple[_Loa
     if base is not None:
         moe = base.cfg.moe
         comparison = compare(
-            base.outputs(tokens, windows, device, router=moe is not None),
-            loaded.outputs(tokens, windows, device, router=moe is not None),
+            base.outputs(run, router=moe is not None),
+            loaded.outputs(run, router=moe is not None),
             top_k=moe.num_experts_per_tok if moe is not None else None,
             progress=run.progress,
             total=len(windows),
