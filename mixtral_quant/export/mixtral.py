@@ -47,6 +47,7 @@ from mixtral_quant.export.common import (
     float_matmul,
     open_variant,
 )
+from mixtral_quant.export.genai import write_genai_files
 from mixtral_quant.export.graph import ExternalData, GraphBuilder, save_model
 from mixtral_quant.export.ort import OrtOps
 from mixtral_quant.export.standard import StandardOps
@@ -193,6 +194,7 @@ def export_onnx(
         for name in TOKENIZER_FILES:
             if (variant / name).is_file():
                 shutil.copyfile(variant / name, tmp / name)
+        write_genai_files(cfg, tmp, target)
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
