@@ -18,7 +18,7 @@ from torch import nn
 from .checkpoint import CheckpointReader, check_tensor, load_config, quantization_config, resolve_model
 from .config import MixtralConfig
 from .errors import CheckpointError, ConfigError
-from .model import MixtralForCausalLM
+from .model import DecoderLayer, MixtralForCausalLM
 from .quant import MethodName, QuantConfig, get_method
 from .quant.base import Method
 
@@ -144,3 +144,23 @@ def new_model(cfg: MixtralConfig, seed: int = 0, dtype: torch.dtype = torch.floa
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * cfg.initializer_range)
     return model.to(dtype).eval()
+
+
+def load_layer(
+    reader: CheckpointReader, cfg: MixtralConfig, i: int, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> DecoderLayer:
+    """Decoder layer i of a float checkpoint, strictly (every tensor present, shaped, finite, used)."""
+    with torch.device("meta"):
+        layer = DecoderLayer(cfg, i)
+    prefix = f"model.layers.{i}."
+    expected = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    stored = [n[len(prefix):] for n in reader.names if n.startswith(prefix)]
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{reader.folder} holds tensors the config has no place for: {prefix}{unexpected[0]}")
+    state = {}
+    for rel, shape in expected.items():
+        state[rel] = _get(reader, prefix + rel, shape, dtype, device, reader.folder)
+    layer.load_state_dict(state, assign=True)
+    return layer.eval()

@@ -1,0 +1,257 @@
+"""The layer-sequential calibration driver: the one place where model, checkpoint and methods meet.
+
+For each decoder layer (IST-DASLab ``llama_sequential``): read its weights from disk, quantize the
+attention projections (q/k/v, then o), then the experts (w1/w3, then w2), each from the inputs the
+already-quantized parts produce, and run the quantized layer to make the next layer's inputs. The
+layer's shard is written as soon as it is done, with the activations that feed the next layer, so
+an interrupted run resumes from the last finished layer and ends with the same bytes.
+
+Experts (MoE-aware): with policy ``routed`` each expert's Hessian comes from the tokens the router
+sends it; an expert with fewer than ``min_token_share`` of the tokens takes the recipe's fallback
+(round-to-nearest, or every calibration token). With policy ``all-tokens`` every token goes through
+every expert for the Hessian (llm-compressor's MoE calibration) while the layer's output still uses
+only routed tokens. Token counts and fallbacks are recorded in the artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import attention_context
+from .config import MixtralConfig
+from .errors import MixtralQuantError
+from .model import DecoderLayer, Expert
+from .quant import HessianAccumulator, MethodName, get_method
+from .quant.base import Method, QuantResult
+from .recipe import ExpertPolicy, Fallback, Recipe
+from .tokenizer import Tokenizer
+
+
+def calibration_tokens(recipe: Recipe, tokenizer: Tokenizer) -> torch.Tensor:
+    """``samples`` non-overlapping windows of ``seq_len`` tokens from the corpus, chosen by ``seed``."""
+    cal = recipe.calibration
+    path = cal.path()
+    if not path.is_file():
+        raise MixtralQuantError(f"calibration corpus {cal.corpus!r} not found (no {path})")
+    ids = torch.tensor(tokenizer.encode(path.read_text(errors="replace")), dtype=torch.int64)
+    windows = len(ids) // cal.seq_len
+    if windows < cal.samples:
+        raise MixtralQuantError(
+            f"calibration text {path.name} has {len(ids)} tokens: too short for {cal.samples} sequences of "
+            f"{cal.seq_len}; lower samples or seq_len, or use a longer corpus"
+        )
+    gen = torch.Generator().manual_seed(cal.seed)
+    pick = torch.randperm(windows, generator=gen)[: cal.samples].sort().values
+    return torch.stack([ids[w * cal.seq_len : (w + 1) * cal.seq_len] for w in pick.tolist()])
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    errors: dict[str, float] = field(default_factory=dict)  # module -> relative output (or weight) error
+    tokens_per_expert: list[int] = field(default_factory=list)
+    fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why it did not get routed GPTQ
+    damp: dict[str, float] = field(default_factory=dict)  # module -> damping when raised above the recipe's
+    seconds: float = 0.0
+
+
+class LayerQuantizer:
+    """Quantizes one decoder layer in place, module group by module group."""
+
+    def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
+                 chunk: int = 8) -> None:
+        self.layer, self.cfg, self.recipe, self.device, self.chunk = layer, cfg, recipe, device, chunk
+        self.method: Method = get_method(recipe.quant)
+        self.fallback_method: Method = get_method(_rtn_like(recipe))
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.report = LayerReport(layer.self_attn.layer_idx)
+        self._ctx: dict[int, Any] = {}
+
+    # -- running the layer over the calibration activations ---------------------------------------
+    def ctx(self, b: int, s: int) -> Any:
+        if b not in self._ctx:
+            self._ctx[b] = attention_context(self.cfg, b, s, None, 0, torch.float32, self.device)
+        return self._ctx[b]
+
+    def each_chunk(self, h: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> list[torch.Tensor]:
+        outs = []
+        for start in range(0, h.shape[0], self.chunk):
+            y = fn(h[start : start + self.chunk].to(self.device))
+            if y is not None:
+                outs.append(y.to("cpu"))
+        return outs
+
+    def attn_out(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer.self_attn(self.layer.input_layernorm(x), self.ctx(x.shape[0], x.shape[1]), None)
+
+    def mlp_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer.post_attention_layernorm(self.attn_out(x))
+
+    # -- quantizing one linear ----------------------------------------------------------------------
+    def quantize(self, name: str, hessian: HessianAccumulator | None, fallback: str | None = None) -> None:
+        module = self.layer.get_submodule(name)
+        assert isinstance(module, nn.Linear)
+        w = module.weight.data.float()
+        method = self.method
+        if fallback is not None and self.recipe.quant.method is MethodName.GPTQ:
+            self.report.fallbacks[name] = fallback
+            if hessian is None:
+                method = self.fallback_method
+        h = hessian.hessian if hessian is not None else None
+        result: QuantResult = method.quantize(w, h) if method.needs_hessian else method.quantize(w)
+        if result.info.get("fallback"):
+            self.report.fallbacks[name] = str(result.info["fallback"])
+        if "damp_percent" in result.info and float(result.info["damp_percent"]) > self.recipe.quant.damp_percent:
+            self.report.damp[name] = float(result.info["damp_percent"])
+        deq = method.dequantize(result.tensors).to(w.device)
+        self.report.errors[name] = relative_error(w, deq, h)
+        for suffix, t in result.tensors.items():
+            self.tensors[f"{name}.{suffix}"] = t.detach().cpu()
+        runtime = method.make_module(result.tensors, module.in_features, module.out_features).to(self.device)
+        self.layer.set_submodule(name, runtime)
+
+    def hessian_of(self, h: torch.Tensor, inputs: Callable[[torch.Tensor], torch.Tensor]) -> HessianAccumulator:
+        acc: HessianAccumulator | None = None
+        for start in range(0, h.shape[0], self.chunk):
+            x = inputs(h[start : start + self.chunk].to(self.device))
+            if acc is None:
+                acc = HessianAccumulator(x.shape[-1], device=self.device)
+            acc.add(x)
+        assert acc is not None
+        return acc
+
+    def capture(self, h: torch.Tensor, modules: dict[str, nn.Module], run: Callable[[torch.Tensor], Any]
+                ) -> dict[str, HessianAccumulator]:
+        """Hessians of the inputs each module receives while ``run`` goes over the activations."""
+        accs: dict[str, HessianAccumulator] = {}
+
+        def hook(name: str) -> Callable[..., None]:
+            def fn(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                x = args[0]
+                if name not in accs:
+                    accs[name] = HessianAccumulator(x.shape[-1], device=self.device)
+                accs[name].add(x)
+            return fn
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
+        def consume(x: torch.Tensor) -> None:
+            run(x)
+
+        try:
+            self.each_chunk(h, consume)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return accs
+
+    # -- the layer ----------------------------------------------------------------------------------
+    def run(self, h: torch.Tensor) -> torch.Tensor:
+        t0 = time.time()
+        gptq = self.recipe.needs_calibration
+        if self.recipe.quantizes("attention"):
+            qkv = self.hessian_of(h, self.layer.input_layernorm) if gptq else None
+            for p in ("q_proj", "k_proj", "v_proj"):
+                self.quantize(f"self_attn.{p}", qkv)
+            o = self.layer.self_attn.o_proj
+            acc = self.capture(h, {"o": o}, self.attn_out)["o"] if gptq else None
+            self.quantize("self_attn.o_proj", acc)
+        self.count_tokens(h)
+        if self.recipe.quantizes("experts"):
+            if self.layer.block_sparse_moe is not None:
+                self.quantize_experts(h, gptq)
+            else:
+                self.quantize_dense_mlp(h, gptq)
+        out = torch.cat(self.each_chunk(h, lambda x: self.layer(x, self.ctx(x.shape[0], x.shape[1]))[0]))
+        self.report.seconds = time.time() - t0
+        return out
+
+    def count_tokens(self, h: torch.Tensor) -> None:
+        moe = self.layer.block_sparse_moe
+        if moe is None:
+            self.report.tokens_per_expert = [h.shape[0] * h.shape[1]]
+            return
+        counts = torch.zeros(len(moe.experts), dtype=torch.int64)
+
+        def count(x: torch.Tensor) -> None:
+            logits = moe.gate(self.mlp_input(x).reshape(-1, x.shape[-1]))
+            counts.add_(torch.bincount(logits.topk(moe.top_k, dim=-1).indices.flatten().cpu(), minlength=len(counts)))
+
+        self.each_chunk(h, count)
+        self.report.tokens_per_expert = counts.tolist()
+
+    def quantize_experts(self, h: torch.Tensor, gptq: bool) -> None:
+        moe = self.layer.block_sparse_moe
+        assert moe is not None
+        experts: list[Expert] = list(moe.experts)  # type: ignore[arg-type]
+        ex = self.recipe.experts
+        total = h.shape[0] * h.shape[1]
+        starved = {e for e, n in enumerate(self.report.tokens_per_expert) if n < ex.min_token_share * total}
+        everyone = ex.policy is ExpertPolicy.ALL_TOKENS
+        all_tokens = ex.fallback is Fallback.ALL_TOKENS
+        run_moe = lambda x: moe(self.mlp_input(x))  # noqa: E731
+
+        def why(e: int) -> str | None:
+            if e not in starved or everyone:
+                return None
+            n = self.report.tokens_per_expert[e]
+            return f"{ex.fallback.value}: {n} of {total} tokens < {ex.min_token_share:.2%}"
+
+        shared = self.hessian_of(h, self.mlp_input) if gptq and (everyone or (starved and all_tokens)) else None
+        routed = self.capture(h, {f"{e}": x.w1 for e, x in enumerate(experts)}, run_moe) if gptq and not everyone else {}
+        for e in range(len(experts)):
+            acc = shared if (everyone or (e in starved and all_tokens)) else routed.get(f"{e}")
+            if e in starved and not all_tokens and not everyone:
+                acc = None
+            for w in ("w1", "w3"):
+                self.quantize(f"block_sparse_moe.experts.{e}.{w}", acc if gptq else None, why(e))
+        down: dict[str, HessianAccumulator] = {}
+        if gptq:
+            down = self.capture(h, {f"{e}": x.w2 for e, x in enumerate(experts)}, run_moe) if not everyone else {}
+            for e, x in enumerate(experts):
+                if everyone or (e in starved and all_tokens):
+                    down[f"{e}"] = self.hessian_of(h, lambda t, x=x: _swiglu_hidden(x, self.mlp_input(t)))
+        for e in range(len(experts)):
+            acc = down.get(f"{e}") if not (e in starved and not all_tokens and not everyone) else None
+            self.quantize(f"block_sparse_moe.experts.{e}.w2", acc if gptq else None, why(e))
+
+    def quantize_dense_mlp(self, h: torch.Tensor, gptq: bool) -> None:
+        mlp = self.layer.mlp
+        assert mlp is not None
+        acc = self.hessian_of(h, self.mlp_input) if gptq else None
+        self.quantize("mlp.gate_proj", acc)
+        self.quantize("mlp.up_proj", acc)
+        down = self.capture(h, {"d": mlp.down_proj}, lambda x: mlp(self.mlp_input(x)))["d"] if gptq else None
+        self.quantize("mlp.down_proj", down)
+
+
+def _swiglu_hidden(expert: Expert, x: torch.Tensor) -> torch.Tensor:
+    return F.silu(expert.w1(x)) * expert.w3(x)
+
+
+def _rtn_like(recipe: Recipe) -> Any:
+    from dataclasses import replace
+
+    return replace(recipe.quant, method=MethodName.RTN) if recipe.quant.method is MethodName.GPTQ else recipe.quant
+
+
+def relative_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor | None) -> float:
+    """||X(W-Q)^T||^2 / ||XW^T||^2 from the Hessian when there is one, else ||W-Q||^2 / ||W||^2."""
+    d = (w - deq).float()
+    if hessian is None:
+        return float((d.pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-30)).item())
+    num = torch.einsum("oi,ij,oj->", d, hessian, d)
+    den = torch.einsum("oi,ij,oj->", w.float(), hessian, w.float())
+    return float((num / den.clamp(min=1e-30)).item())
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise MixtralQuantError(f"tensor {name} holds NaN or Inf: the source checkpoint is damaged; nothing was written")

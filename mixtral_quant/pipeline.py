@@ -1,0 +1,170 @@
+"""``mixtral-quant quantize``: stream a checkpoint layer by layer through a recipe into an artifact.
+
+Peak memory is one decoder layer plus the calibration activations: weights are read from disk per
+layer (memory-mapped), activations stay on the CPU and move to the device a chunk at a time, and
+each layer's shard is written as soon as it is quantized. Work happens in ``<out>.partial``; a
+``state.json`` there is the commit point after each layer, so ``--resume`` continues after the
+last finished layer and the result has the same bytes as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from .artifact import prepare_output, publish, sha256_bytes, sha256_file, write_json, write_manifest
+from .calibrate import LayerQuantizer, LayerReport, calibration_tokens, check_finite
+from .checkpoint import INDEX_FILE, CheckpointReader, load_config, quantization_config, resolve_model
+from .config import read_config_json
+from .errors import MixtralQuantError
+from .loading import load_layer
+from .quant import MethodName, get_method
+from .recipe import Recipe
+from .tokenizer import Tokenizer
+
+STATE = "state.json"
+COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "generation_config.json", "LICENSE-tokenizer", "TOKENIZER_NOTICE.md")
+
+
+def shard_name(k: int, n: int) -> str:
+    return f"model-{k:05d}-of-{n:05d}.safetensors"
+
+
+def save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    tmp.replace(path)
+
+
+def quantize_model(
+    model: str | Path | None,
+    recipe: Recipe,
+    out: Path,
+    device: torch.device = torch.device("cpu"),
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    chunk: int = 8,
+    stop_after: int | None = None,
+) -> Path:
+    """Quantize every expert and attention projection of MODEL with RECIPE into the artifact OUT."""
+    src = resolve_model(model)
+    if quantization_config(src):
+        raise MixtralQuantError(f"{src} is already quantized: quantize from the 16-bit checkpoint")
+    cfg = load_config(src)
+    check = recipe.quant.validate_shape  # (in_features, out_features) of each kind of linear
+    check(cfg.hidden_size, cfg.intermediate_size)
+    check(cfg.intermediate_size, cfg.hidden_size)
+    check(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim)
+    check(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
+    tok = Tokenizer(src if (src / "tokenizer.model").is_file() else resolve_model(None))
+    reader = CheckpointReader(src)
+    t_start = time.time()
+    source_hashes = {f.name: sha256_file(f) for f in reader.files}
+    tokens = calibration_tokens(recipe, tok) if recipe.needs_calibration else calibration_tokens_light(recipe, tok)
+    cal_hash = sha256_bytes(tokens.numpy().tobytes())
+    identity = {"recipe": recipe.digest(), "source": source_hashes, "calibration_sha256": cal_hash}
+    work = prepare_output(out, overwrite, resume)
+    n_shards = cfg.num_hidden_layers + 1
+    state: dict[str, Any] = {"identity": identity, "layers_done": 0, "reports": []}
+    if resume and (work / STATE).is_file():
+        state = json.loads((work / STATE).read_text())
+        if state.get("identity") != identity:
+            raise MixtralQuantError(f"{work} was started with another recipe, source or calibration data: "
+                                    "start over with --overwrite")
+    done = int(state["layers_done"])
+    if done == 0:
+        head = {n: reader.get(n) for n in reader.names if not n.startswith("model.layers.")}
+        for n, t in head.items():
+            check_finite(n, t)
+        save_atomic(head, work / shard_name(1, n_shards))
+        h = torch.nn.functional.embedding(tokens, reader.get("model.embed_tokens.weight", torch.float32))
+    else:
+        h = load_file(str(work / f"activations-{done}.safetensors"))["h"]
+    bar = tqdm(range(done, cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
+               initial=done, total=cfg.num_hidden_layers, disable=not progress)
+    for i in bar:
+        layer = load_layer(reader, cfg, i, torch.float32, device)
+        lq = LayerQuantizer(layer, cfg, recipe, device, chunk)
+        h = lq.run(h)
+        prefix = f"model.layers.{i}."
+        quantized = {prefix + k: v for k, v in lq.tensors.items()}
+        replaced = {k.rsplit(".", 1)[0] for k in lq.tensors}
+        kept = {n: reader.get(n) for n in reader.names
+                if n.startswith(prefix) and n[len(prefix):].rsplit(".", 1)[0] not in replaced}
+        save_atomic({**kept, **quantized}, work / shard_name(i + 2, n_shards))
+        save_atomic({"h": h.contiguous()}, work / f"activations-{i + 1}.safetensors")
+        state["layers_done"] = i + 1
+        state["reports"].append(asdict(lq.report))
+        write_json(work / STATE, state)
+        (work / f"activations-{i}.safetensors").unlink(missing_ok=True)
+        bar.set_postfix(err=f"{_mean(lq.report.errors):.2e}", s=f"{lq.report.seconds:.1f}")
+        del layer, lq
+        if stop_after is not None and i + 1 >= stop_after:
+            raise MixtralQuantError(f"stopped after layer {i + 1} as asked; continue with --resume")
+    reader.close()
+    finish(src, work, recipe, cfg.num_hidden_layers, identity, state, time.time() - t_start)
+    return publish(work, out)
+
+
+def calibration_tokens_light(recipe: Recipe, tok: Tokenizer) -> torch.Tensor:
+    """Methods without a Hessian still run the layers (to count tokens per expert) on a few sequences."""
+    from dataclasses import replace
+
+    small = replace(recipe, calibration=replace(recipe.calibration, samples=min(16, recipe.calibration.samples)))
+    return calibration_tokens(small, tok)
+
+
+def finish(src: Path, work: Path, recipe: Recipe, n_layers: int, identity: dict[str, Any],
+           state: dict[str, Any], seconds: float) -> None:
+    """Index, config with quantization_config, tokenizer, calibration record, manifest."""
+    (work / f"activations-{n_layers}.safetensors").unlink(missing_ok=True)
+    n = n_layers + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+    for k in range(1, n + 1):
+        with safe_open(str(work / shard_name(k, n)), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118
+                weight_map[name] = shard_name(k, n)
+        total += (work / shard_name(k, n)).stat().st_size
+    write_json(work / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
+    method = get_method(recipe.quant)
+    qc = method.quantization_config()
+    if recipe.quant.method in (MethodName.NF4, MethodName.INT8):
+        qc["llm_int8_skip_modules"] = ["block_sparse_moe.gate", "lm_head"]
+    config = read_config_json(src)
+    config["quantization_config"] = qc
+    write_json(work / "config.json", config)
+    if recipe.quant.method in (MethodName.GPTQ, MethodName.RTN):
+        write_json(work / "quantize_config.json", qc)
+    for name in COPY_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, work / name)
+    reports = [LayerReport(**r) for r in state["reports"]]
+    calibration = {
+        "recipe": recipe.to_dict(),
+        "expert_policy": recipe.experts.policy.value,
+        "tokens_per_expert": [r.tokens_per_expert for r in reports],
+        "fallbacks": {f"model.layers.{r.layer}.{m}": why for r in reports for m, why in r.fallbacks.items()},
+        "damping_raised": {f"model.layers.{r.layer}.{m}": d for r in reports for m, d in r.damp.items()},
+        "errors": {f"model.layers.{r.layer}.{m}": e for r in reports for m, e in sorted(r.errors.items())},
+    }
+    write_json(work / "calibration.json", calibration)
+    write_json(work / "run_log.json", {"seconds": seconds, "layer_seconds": [r.seconds for r in reports]})
+    (work / STATE).unlink()
+    write_manifest(work, {"recipe": recipe.to_dict(), "source_files": identity["source"],
+                          "calibration_sha256": identity["calibration_sha256"], "source_model": src.name})
+
+
+def _mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / max(1, len(d))

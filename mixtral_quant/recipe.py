@@ -1,0 +1,162 @@
+"""Calibration recipes: one TOML file per pipeline in calibration/recipes/.
+
+A recipe declares the method and its settings, the calibration data, how experts get their
+statistics, and which components stay 16-bit. Unknown keys and impossible values are errors.
+
+\b
+    name = "gptq-w4g128"
+    [quant]        method, bits, group_size, sym, act_order, static_groups, damp_percent, nf4_blocksize, double_quant
+    [calibration]  corpus ("wiki-train", "sotu" or a .txt path), samples, seq_len, seed
+    [experts]      policy ("routed" | "all-tokens"), min_token_share, fallback ("rtn" | "all-tokens")
+    [keep]         components = ["router", "embeddings", "norms"]   (lm_head counts as embeddings)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .quant import MethodName, QuantConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "calibration" / "recipes"
+CORPORA = ROOT / "calibration" / "corpora"
+
+
+class ExpertPolicy(str, Enum):
+    ROUTED = "routed"  # each expert's Hessian from the tokens the router sends it
+    ALL_TOKENS = "all-tokens"  # every calibration token through every expert (output still routed)
+
+
+class Fallback(str, Enum):
+    RTN = "rtn"  # an expert with too few tokens is rounded to nearest
+    ALL_TOKENS = "all-tokens"  # ... or gets its Hessian from every calibration token
+
+
+QUANTIZABLE = ("attention", "experts")
+KEEPABLE = ("router", "embeddings", "norms", "attention", "experts")
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    corpus: str = "wiki-train"
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+    def path(self) -> Path:
+        p = CORPORA / f"{self.corpus}.txt"
+        return p if p.is_file() else Path(self.corpus)
+
+
+@dataclass(frozen=True)
+class ExpertCalibration:
+    policy: ExpertPolicy = ExpertPolicy.ROUTED
+    min_token_share: float = 0.005  # GPTQModel's default cut-off: under 0.5 % of tokens
+    fallback: Fallback = Fallback.RTN
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    quant: QuantConfig
+    calibration: CalibrationData = field(default_factory=CalibrationData)
+    experts: ExpertCalibration = field(default_factory=ExpertCalibration)
+    keep: tuple[str, ...] = ("router", "embeddings", "norms")
+    description: str = ""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.quant.method is MethodName.GPTQ
+
+    def quantizes(self, component: str) -> bool:
+        return component in QUANTIZABLE and component not in self.keep
+
+    def to_dict(self) -> dict[str, Any]:
+        q = {f.name: getattr(self.quant, f.name) for f in fields(self.quant)}
+        q["method"] = self.quant.method.value
+        q["compute_dtype"] = str(self.quant.compute_dtype).removeprefix("torch.")
+        return {
+            "name": self.name,
+            "description": self.description,
+            "quant": q,
+            "calibration": asdict(self.calibration),
+            "experts": {k: v.value if isinstance(v, Enum) else v for k, v in asdict(self.experts).items()},
+            "keep": {"components": list(self.keep)},
+        }
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _take(section: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
+    unknown = set(section) - allowed
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in [{where}]; allowed: {sorted(allowed)}")
+    return section
+
+
+def parse_recipe(d: dict[str, Any], name: str) -> Recipe:
+    _take(d, {"name", "description", "quant", "calibration", "experts", "keep"}, "recipe")
+    q = dict(_take(d.get("quant", {}), {f.name for f in fields(QuantConfig)} - {"compute_dtype"}, "quant"))
+    if "method" not in q:
+        raise ConfigError(f"recipe {name} has no [quant] method")
+    try:
+        method = MethodName(q.pop("method"))
+    except ValueError:
+        raise ConfigError(f"unknown method in recipe {name}; use one of {[m.value for m in MethodName]}") from None
+    try:
+        quant = QuantConfig.for_method(method, **q)
+        cal = CalibrationData(**_take(d.get("calibration", {}), {f.name for f in fields(CalibrationData)}, "calibration"))
+        ex = dict(_take(d.get("experts", {}), {f.name for f in fields(ExpertCalibration)}, "experts"))
+        if "policy" in ex:
+            ex["policy"] = ExpertPolicy(ex["policy"])
+        if "fallback" in ex:
+            ex["fallback"] = Fallback(ex["fallback"])
+        experts = ExpertCalibration(**ex)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"recipe {name}: {e}") from None
+    keep = tuple(_take(d.get("keep", {}), {"components"}, "keep").get("components", ("router", "embeddings", "norms")))
+    bad = set(keep) - set(KEEPABLE)
+    if bad:
+        raise ConfigError(f"recipe {name}: cannot keep {sorted(bad)}; components are {list(KEEPABLE)}")
+    if cal.samples < 1 or cal.seq_len < 2:
+        raise ConfigError(f"recipe {name}: calibration needs samples >= 1 and seq_len >= 2")
+    if not 0 <= experts.min_token_share < 1:
+        raise ConfigError(f"recipe {name}: min_token_share must be in [0, 1)")
+    return Recipe(str(d.get("name", name)), quant, cal, experts, keep, str(d.get("description", "")))
+
+
+def load_recipe(name_or_file: str | Path, **overrides: Any) -> Recipe:
+    """A shipped recipe by name (calibration/recipes/NAME.toml) or a TOML file; flags override fields."""
+    p = Path(name_or_file)
+    if not p.is_file():
+        p = RECIPES / f"{name_or_file}.toml"
+    if not p.is_file():
+        raise ConfigError(f"no recipe {name_or_file!r}: use a file or one of {', '.join(shipped_recipes())}")
+    try:
+        d = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {p} is not valid TOML ({e})") from None
+    recipe = parse_recipe(d, p.stem)
+    quant_over = {k: v for k, v in overrides.items() if v is not None and k in {"bits", "group_size"}}
+    cal_over = {k: v for k, v in overrides.items() if v is not None and k in {"samples", "seq_len", "seed", "corpus"}}
+    if quant_over:
+        q = {f.name: getattr(recipe.quant, f.name) for f in fields(recipe.quant)} | quant_over
+        try:
+            recipe = replace(recipe, quant=QuantConfig(**q))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(str(e)) from None
+    if cal_over:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, **cal_over))
+    return recipe
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.toml"))
