@@ -159,8 +159,8 @@ def corpus_sample() -> list[str]:
 
 
 def test_tokenizer_json_encodes_like_sentencepiece(exports: dict[tuple[str, Target], Path]) -> None:
-    """On the corpus sample: the same ids from sentencepiece, from the tokenizers library and from
-    genai's tokenizer, and decoding gives the text back."""
+    """On the corpus sample: the same ids from sentencepiece, from the tokenizers library, from genai's
+    tokenizer and from transformers' AutoTokenizer, and decoding gives the text back."""
     folder = exports[("fp32", Target.ORT)]
     sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
     fast = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_JSON))
@@ -172,6 +172,10 @@ def test_tokenizer_json_encodes_like_sentencepiece(exports: dict[tuple[str, Targ
     # genai's C API stops at a NUL character; none is in this sample
     assert [t for t, ids in zip(texts, expected, strict=True) if genai.encode(t).tolist() != ids] == []
     assert [t for t, ids in zip(texts, expected, strict=True) if fast.decode(ids) != t] == []
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(str(folder))  # reads tokenizer_config.json's class
+    auto_ids = auto(texts, add_special_tokens=False).input_ids
+    assert [t for t, a, b in zip(texts, expected, auto_ids, strict=True) if a != b] == []
     assert fast.encode("Hello").ids == [1, *sp.encode("Hello")]  # BOS from the post-processor
     # Written special tokens are special, as in Hugging Face's Mixtral tokenizer.json (sentencepiece spells them)
     assert fast.encode("<s>[INST]", add_special_tokens=False).ids == [1, *sp.encode("[INST]")]

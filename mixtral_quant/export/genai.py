@@ -226,7 +226,12 @@ def build_tokenizer(vocab: SentencePieceVocab) -> FastTokenizer:
 
 
 def tokenizer_config(vocab: SentencePieceVocab, context_length: int) -> dict[str, Any]:
-    """tokenizer_config.json: what transformers' LlamaTokenizer and onnxruntime-extensions read."""
+    """tokenizer_config.json, read by onnxruntime-extensions and transformers.
+
+    The class is PreTrainedTokenizerFast, which takes tokenizer.json as written. transformers 5 builds a
+    LlamaTokenizer(Fast) from the vocabulary and merges alone, with its own Metaspace pre-tokenizer, and
+    that one adds no "▁" to a text that starts with a space (" x" -> "▁x", where sentencepiece gives "▁▁x").
+    """
     added = {
         str(i): {
             "content": p.text,
@@ -240,7 +245,7 @@ def tokenizer_config(vocab: SentencePieceVocab, context_length: int) -> dict[str
         if p.special
     }
     return {
-        "tokenizer_class": "LlamaTokenizer",
+        "tokenizer_class": "PreTrainedTokenizerFast",
         "add_bos_token": True,
         "add_eos_token": False,
         "added_tokens_decoder": added,
@@ -249,7 +254,6 @@ def tokenizer_config(vocab: SentencePieceVocab, context_length: int) -> dict[str
         "unk_token": vocab.unk,
         "pad_token": None,
         "clean_up_tokenization_spaces": False,
-        "legacy": True,
         "model_max_length": context_length,
         "spaces_between_special_tokens": False,
     }
