@@ -59,7 +59,7 @@ def _check_header(path: Path) -> None:
             if n > MAX_HEADER or 8 + n > size:
                 raise CheckpointError(f"{path} is corrupted or truncated (header of {n} bytes in a {size}-byte file)")
             header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path} is corrupted (its safetensors header is not valid JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} is corrupted (its safetensors header is not a JSON object)")
@@ -88,7 +88,7 @@ class CheckpointReader:
                 weight_map = json.loads(index.read_text())["weight_map"]
                 if not isinstance(weight_map, dict):
                     raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
                 raise CheckpointError(f"{index} is not a valid index (needs a 'weight_map' object)") from None
             for name, file in weight_map.items():
                 self.where[name] = _safe_child(self.folder, file)
@@ -99,7 +99,7 @@ class CheckpointReader:
         self.files = sorted(set(self.where.values())) if self.where else [single]
         for f in self.files:
             if not f.is_file():
-                raise CheckpointError(f"shard {f.name} named in {INDEX_FILE} is missing from {self.folder}")
+                raise CheckpointError(f"shard {f.name!r} named in {INDEX_FILE} is missing from {self.folder}")
             _check_header(f)
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
@@ -113,7 +113,7 @@ class CheckpointReader:
         else:
             for name, f in self.where.items():
                 if name not in self._handles[f].keys():  # noqa: SIM118
-                    raise CheckpointError(f"{INDEX_FILE} places {name} in {f.name}, which does not hold it")
+                    raise CheckpointError(f"{INDEX_FILE} places {name!r} in {f.name!r}, which does not hold it")
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -227,7 +227,7 @@ def write_checkpoint(
         final = [folder / SINGLE_FILE]
     else:
         final = [folder / f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
-    for tmp, dst in zip(written, final):
+    for tmp, dst in zip(written, final, strict=True):
         os.replace(tmp, dst)
     if n > 1:
         index = {

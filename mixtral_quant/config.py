@@ -7,6 +7,7 @@ Mixtral and Mistral share one config; a dense Mistral simply has no MoE section
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,19 @@ from typing import Any
 from .errors import ConfigError
 
 MODEL_TYPES = ("mixtral", "mistral")
+# What the fields read from config.json must hold (JSON gives any type; a wrong one is a ConfigError).
+POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings")
+POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+NUMBERS = ("attention_dropout", "initializer_range")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 @dataclass(frozen=True)
@@ -22,6 +36,15 @@ class MoEArgs:
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.001
     router_jitter_noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.num_local_experts) or self.num_local_experts <= 0:
+            raise ConfigError(f"num_local_experts must be a positive integer, got {self.num_local_experts!r}")
+        if not _is_int(self.num_experts_per_tok):
+            raise ConfigError(f"num_experts_per_tok must be an integer, got {self.num_experts_per_tok!r}")
+        for name in ("router_aux_loss_coef", "router_jitter_noise"):
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,7 @@ class MixtralConfig:
     torch_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; Mixtral and Mistral use 'silu'")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -63,9 +87,27 @@ class MixtralConfig:
             raise ConfigError(
                 f"num_experts_per_tok {self.moe.num_experts_per_tok} must be in 1..{self.moe.num_local_experts}"
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def _check_types(self) -> None:
+        for name in POSITIVE_INTS:
+            if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name, value in (("head_dim", self.head_dim_override), ("sliding_window", self.sliding_window)):
+            if value is not None and (not _is_int(value) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer or null, got {value!r}")
+        for name in POSITIVE_NUMBERS + NUMBERS:
+            value = getattr(self, name)
+            if not _is_number(value) or (name in POSITIVE_NUMBERS and value <= 0):
+                kind = "a positive" if name in POSITIVE_NUMBERS else "a"
+                raise ConfigError(f"{name} must be {kind} finite number, got {value!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if not _is_int(value) and not (name == "pad_token_id" and value is None):
+                raise ConfigError(f"{name} must be an integer token id, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ConfigError(f"tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}")
+        if not isinstance(self.torch_dtype, str):
+            raise ConfigError(f"torch_dtype must be a string, got {self.torch_dtype!r}")
 
     # Derived sizes -------------------------------------------------------------------------
     @property
@@ -94,15 +136,15 @@ class MixtralConfig:
                 f"model_type {model_type!r} is not a Mixtral or Mistral model (expected one of {MODEL_TYPES})"
             )
         moe = None
-        if model_type == "mixtral":
-            moe = MoEArgs(
-                num_local_experts=int(d.get("num_local_experts", 8)),
-                num_experts_per_tok=int(d.get("num_experts_per_tok", 2)),
-                router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.001)),
-                router_jitter_noise=float(d.get("router_jitter_noise", 0.0) or 0.0),
-            )
         kwargs: dict[str, Any] = {}
         try:
+            if model_type == "mixtral":
+                moe = MoEArgs(
+                    num_local_experts=d.get("num_local_experts", 8),
+                    num_experts_per_tok=d.get("num_experts_per_tok", 2),
+                    router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001),
+                    router_jitter_noise=d.get("router_jitter_noise") or 0.0,
+                )
             for f in cls.__dataclass_fields__:
                 if f in ("moe", "head_dim_override"):
                     continue
@@ -113,14 +155,12 @@ class MixtralConfig:
                 if rope.get("rope_type", rope.get("type", "default")) != "default":
                     raise ConfigError(f"rope scaling {rope!r} is not supported (only the default rotary embedding)")
                 if "rope_theta" in rope and "rope_theta" not in d:
-                    kwargs["rope_theta"] = float(rope["rope_theta"])
+                    kwargs["rope_theta"] = rope["rope_theta"]
             if d.get("head_dim") is not None:
-                kwargs["head_dim_override"] = int(d["head_dim"])
+                kwargs["head_dim_override"] = d["head_dim"]
             if "torch_dtype" not in d and isinstance(d.get("dtype"), str):
                 kwargs["torch_dtype"] = d["dtype"]
             cfg = cls(moe=moe, **kwargs)
-            # Types from JSON are checked by using them once.
-            int(cfg.vocab_size) + int(cfg.hidden_size) + int(cfg.num_hidden_layers)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
         if cfg.head_dim_override == cfg.hidden_size // cfg.num_attention_heads:
@@ -160,6 +200,8 @@ def read_config_json(path: str | Path) -> dict[str, Any]:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p} is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{p} is not a config (its JSON is nested too deeply)") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{p} does not hold a JSON object")
     return d

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tomllib
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
+
+import tomllib
 
 from .errors import ConfigError
 from .quant import MethodName, QuantConfig
@@ -49,6 +51,12 @@ class CalibrationData:
     samples: int = 128
     seq_len: int = 512
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1 or self.seq_len < 2:
+            raise ConfigError(
+                f"calibration needs samples >= 1 and seq_len >= 2, got samples {self.samples}, seq_len {self.seq_len}"
+            )
 
     def path(self) -> Path:
         p = CORPORA / f"{self.corpus}.txt"
@@ -95,16 +103,41 @@ class Recipe:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _take(section: dict[str, Any], allowed: set[str], where: str) -> dict[str, Any]:
+def _take(section: Any, allowed: set[str], where: str, of: type | None = None) -> dict[str, Any]:
+    """A recipe table with only allowed keys and, when ``of`` is a dataclass, values of its fields' types."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"[{where}] must be a table, got {section!r}")
     unknown = set(section) - allowed
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in [{where}]; allowed: {sorted(allowed)}")
+    if of is not None:
+        _check_types(section, get_type_hints(of), where)
     return section
+
+
+def _check_types(section: dict[str, Any], hints: dict[str, Any], where: str) -> None:
+    """TOML values must have the field's type: an int may stand for a float, a bool is not an int."""
+    for key, value in section.items():
+        want = hints.get(key)
+        if want is bool or want is int:
+            ok = type(value) is want
+        elif want is float:
+            ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        elif want is str or (isinstance(want, type) and issubclass(want, Enum)):
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            kind = {bool: "true or false", int: "an integer", float: "a finite number"}.get(want, "a string")
+            raise ConfigError(f"{key} in [{where}] must be {kind}, got {value!r}")
 
 
 def parse_recipe(d: dict[str, Any], name: str) -> Recipe:
     _take(d, {"name", "description", "quant", "calibration", "experts", "keep"}, "recipe")
-    q = dict(_take(d.get("quant", {}), {f.name for f in fields(QuantConfig)} - {"compute_dtype"}, "quant"))
+    for key in ("name", "description"):
+        if not isinstance(d.get(key, ""), str):
+            raise ConfigError(f"recipe {name}: {key} must be a string, got {d[key]!r}")
+    q = dict(_take(d.get("quant", {}), {f.name for f in fields(QuantConfig)} - {"compute_dtype"}, "quant", QuantConfig))
     if "method" not in q:
         raise ConfigError(f"recipe {name} has no [quant] method")
     try:
@@ -113,8 +146,10 @@ def parse_recipe(d: dict[str, Any], name: str) -> Recipe:
         raise ConfigError(f"unknown method in recipe {name}; use one of {[m.value for m in MethodName]}") from None
     try:
         quant = QuantConfig.for_method(method, **q)
-        cal = CalibrationData(**_take(d.get("calibration", {}), {f.name for f in fields(CalibrationData)}, "calibration"))
-        ex = dict(_take(d.get("experts", {}), {f.name for f in fields(ExpertCalibration)}, "experts"))
+        cal_fields = {f.name for f in fields(CalibrationData)}
+        cal = CalibrationData(**_take(d.get("calibration", {}), cal_fields, "calibration", CalibrationData))
+        ex_fields = {f.name for f in fields(ExpertCalibration)}
+        ex = dict(_take(d.get("experts", {}), ex_fields, "experts", ExpertCalibration))
         if "policy" in ex:
             ex["policy"] = ExpertPolicy(ex["policy"])
         if "fallback" in ex:
@@ -122,12 +157,13 @@ def parse_recipe(d: dict[str, Any], name: str) -> Recipe:
         experts = ExpertCalibration(**ex)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"recipe {name}: {e}") from None
-    keep = tuple(_take(d.get("keep", {}), {"components"}, "keep").get("components", ("router", "embeddings", "norms")))
+    components = _take(d.get("keep", {}), {"components"}, "keep").get("components", ["router", "embeddings", "norms"])
+    if not isinstance(components, list) or not all(isinstance(c, str) for c in components):
+        raise ConfigError(f"recipe {name}: [keep] components must be a list of names, got {components!r}")
+    keep = tuple(components)
     bad = set(keep) - set(KEEPABLE)
     if bad:
         raise ConfigError(f"recipe {name}: cannot keep {sorted(bad)}; components are {list(KEEPABLE)}")
-    if cal.samples < 1 or cal.seq_len < 2:
-        raise ConfigError(f"recipe {name}: calibration needs samples >= 1 and seq_len >= 2")
     if not 0 <= experts.min_token_share < 1:
         raise ConfigError(f"recipe {name}: min_token_share must be in [0, 1)")
     return Recipe(str(d.get("name", name)), quant, cal, experts, keep, str(d.get("description", "")))
@@ -144,6 +180,8 @@ def load_recipe(name_or_file: str | Path, **overrides: Any) -> Recipe:
         d = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"recipe {p} is not valid TOML ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"recipe {p} is not a recipe (its TOML is nested too deeply)") from None
     recipe = parse_recipe(d, p.stem)
     quant_over = {k: v for k, v in overrides.items() if v is not None and k in {"bits", "group_size"}}
     cal_over = {k: v for k, v in overrides.items() if v is not None and k in {"samples", "seq_len", "seed", "corpus"}}
