@@ -45,9 +45,10 @@ class Comparison:
 
 def kl_divergence(base_logits: torch.Tensor, var_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_base || p_var) per row of logits [n, V], in nats (float32)."""
-    logp = F.log_softmax(base_logits.float(), dim=-1)
-    logq = F.log_softmax(var_logits.float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    logp = F.log_softmax(base_logits.float(), dim=-1)  # [n, V]
+    p = logp.exp()
+    logp.sub_(F.log_softmax(var_logits.float(), dim=-1))  # log p - log q, in place: V is large
+    return torch.linalg.vecdot(p, logp)
 
 
 def expert_sets(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields
@@ -139,12 +140,12 @@ def write_reports(report: EvalReport, folder: Path) -> list[Path]:
     return paths
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.2f}"
-
-
 def _num(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
+
+
+def _mib(n: int | None) -> str:
+    return _num(None if n is None else n / 2**20, ".2f")
 
 
 def summary_rows(report: EvalReport) -> tuple[list[str], list[list[str]]]:
@@ -217,10 +218,8 @@ _W, _H, _PAD = 560, 300, 60
 
 
 def _svg(body: list[str], height: int = _H) -> str:
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{height}" '
-        f'font-family="sans-serif" font-size="11">' + "".join(body) + "</svg>"
-    )
+    head = f'<svg xmlns="http://www.w3.org/2000/svg" width="{_W}" height="{height}" font-family="sans-serif">'
+    return head + "".join(body) + "</svg>"
 
 
 def _text(x: float, y: float, s: str, anchor: str = "start") -> str:
@@ -233,6 +232,7 @@ def ppl_vs_bits_svg(report: EvalReport) -> str:
     x0, x1 = 0.0, max(p[0] for p in pts) * 1.1 or 1.0
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     y0, y1 = y0 - 0.1 * (y1 - y0 or y0), y1 + 0.1 * (y1 - y0 or y0)
+    digits = max(0, 2 - math.floor(math.log10(y1 - y0)))  # ticks a quarter of the range apart stay distinct
 
     def xy(x: float, y: float) -> tuple[float, float]:
         return _PAD + (x - x0) / (x1 - x0) * (_W - 2 * _PAD), _H - _PAD - (y - y0) / (y1 - y0) * (_H - 2 * _PAD)
@@ -246,7 +246,7 @@ def ppl_vs_bits_svg(report: EvalReport) -> str:
     for i in range(5):
         xv, yv = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
         body.append(_text(xy(xv, y0)[0], _H - _PAD + 15, f"{xv:.1f}", "middle"))
-        body.append(_text(_PAD - 5, xy(x0, yv)[1], f"{yv:.3g}", "end"))
+        body.append(_text(_PAD - 5, xy(x0, yv)[1], f"{yv:.{digits}f}", "end"))
     for x, y, name in pts:
         px, py = xy(x, y)
         body += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="#4e79a7"/>', _text(px + 6, py - 6, name)]
@@ -288,7 +288,7 @@ def html_page(report: EvalReport) -> str:
     d = report.dataset
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>mixtral-quant evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}svg{{font-size:11px}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><body>
 <h1>Evaluation report</h1>
 <p>Dataset {html.escape(d["name"])}: {d["tokens"]} tokens ({html.escape(d["tokenization"])}).
