@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -161,6 +162,12 @@ def test_layer_sequential_equals_plain(tmp_path: Path, spill: bool) -> None:
     q = model_perplexity(model, ids, ctx=64, stride=40, layer_sequential=True)
     assert q.ppl == pytest.approx(p.ppl, rel=1e-6) and q.tokens_scored == p.tokens_scored
     assert q.layer_sequential and not p.layer_sequential
+
+
+def test_wikitext2_without_datasets_library_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(MixtralQuantError, match=r"pip install datasets.*--dataset wiki-test"):
+        load_dataset("wikitext2")
 
 
 def test_datasets(tmp_path: Path) -> None:

@@ -17,7 +17,16 @@ from mixtral_quant.config import PRESETS, MoEArgs
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.eval.compare import Comparison
 from mixtral_quant.eval.data import WIKI_TEST
-from mixtral_quant.eval.memory import COMPONENTS, MemoryReport, PeakKind, PeakMeasure
+from mixtral_quant.eval.memory import (
+    COMPONENTS,
+    MemoryReport,
+    PeakKind,
+    PeakMeasure,
+    PeakMemory,
+    bits_per_parameter,
+    fp_parameters,
+    memory_bytes,
+)
 from mixtral_quant.eval.perplexity import PerplexityResult
 from mixtral_quant.eval.report import (
     SCHEMA_VERSION,
@@ -170,3 +179,22 @@ def test_runner_end_to_end(tmp_path: Path) -> None:
     assert "FAIL" in err.value.table and (tmp_path / "r2" / "report.html").is_file()
     with pytest.raises(MixtralQuantError, match="unknown variants"):
         evaluate([w8], base, check=write_bounds(tmp_path / "x.toml", "[variants.w4]\nmax_ppl_ratio = 2\n"), **kwargs)
+
+
+def test_memory_accounting() -> None:
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(CFG)
+    params = fp_parameters(CFG)
+    assert memory_bytes(model) == {c: 4 * n for c, n in params.items()}
+    assert bits_per_parameter(memory_bytes(model.to(torch.bfloat16)), params)["total"] == 16.0
+    method = get_method(QuantConfig.for_method(MethodName.NF4))
+    name = "model.layers.0.block_sparse_moe.experts.0.w1"
+    stored = method.quantize(model.get_parameter(f"{name}.weight").data).tensors
+    model.set_submodule(name, method.make_module(stored, 64, 128))
+    json_state = stored["weight.quant_state.bitsandbytes__nf4"].numel()  # lives as Python fields in memory
+    stored_bytes = sum(t.numel() * t.element_size() for t in stored.values()) - json_state
+    assert memory_bytes(model)["experts"] == 2 * params["experts"] - 2 * 64 * 128 + stored_bytes
+    with PeakMemory("cpu") as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del block
+    assert peak.result is not None and peak.result.delta_bytes >= 60 * 2**20
