@@ -98,6 +98,123 @@ def generate(
     click.echo(tok.decode(new) if chat else tok.decode(ids[1:] + new))
 
 
+@cli.command()
+@click.argument("model", required=False, type=click.Path(path_type=Path))
+@click.option("--recipe", "-r", required=True,
+              help="A shipped recipe (nf4, nf4-nodq, gptq-w4g128, gptq-w4g128-noact, gptq-w3g128, int8, w8, "
+                   "rtn-w4g128, rtn-w3g128) or a recipe .toml file.")
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
+@click.option("--bits", type=int, help="Override the recipe's bit width.")
+@click.option("--group-size", type=int, help="Override the recipe's group size (-1: per output row).")
+@click.option("--samples", type=int, help="Override the number of calibration sequences.")
+@click.option("--seq-len", type=int, help="Override the calibration sequence length.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last finished layer.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing artifact or unfinished run.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or closing table.")
+def quantize(
+    model: Path | None, recipe: str, out: Path, bits: int | None, group_size: int | None, samples: int | None,
+    seq_len: int | None, device: str, resume: bool, overwrite: bool, quiet: bool,
+) -> None:
+    """Quantize every expert and attention projection of MODEL with a calibration RECIPE.
+
+    Weights stream from disk one decoder layer at a time; the router, embeddings, lm_head and
+    norms stay 16-bit. The artifact (Hugging Face layout, loadable by this tool, and by GPTQModel /
+    vLLM for GPTQ or transformers for bitsandbytes) appears at OUT only when complete.
+    """
+    from .pipeline import quantize_model
+    from .recipe import load_recipe
+    from .summary import quantize_summary
+
+    r = load_recipe(recipe, bits=bits, group_size=group_size, samples=samples, seq_len=seq_len)
+    path = quantize_model(model, r, out, pick_device(device), resume=resume, overwrite=overwrite, progress=not quiet)
+    if not quiet:
+        click.echo(quantize_summary(path, model))
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+def verify(artifact: Path) -> None:
+    """Check every file of ARTIFACT against the sha256 hashes in its manifest."""
+    from .artifact import verify as run
+
+    manifest = run(artifact)
+    click.echo(f"ok: {len(manifest['files'])} files match {artifact / 'manifest.json'}")
+
+
+@cli.command("eval")
+@click.argument("variants", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--baseline", "-b", type=click.Path(path_type=Path), help=MODEL_HELP)
+@click.option("--dataset", "-d", default="wiki-test", show_default=True,
+              help="wiki-test (shipped), a .txt file, or wikitext2 (needs the datasets library and its cache).")
+@click.option("--ctx", default=512, show_default=True, type=int, help="Window length in tokens.")
+@click.option("--stride", type=int, help="Window step (default: ctx, no overlap).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json/.md/.html here.")
+@click.option("--check", type=click.Path(path_type=Path), help="Bounds TOML: exit non-zero if a variant regressed.")
+@click.option("--layer-sequential", is_flag=True, default=None,
+              help="Run all windows layer by layer with weights streamed from disk (models larger than the device).")
+def eval_cmd(
+    variants: tuple[Path, ...], baseline: Path | None, dataset: str, ctx: int, stride: int | None, device: str,
+    report_dir: Path | None, check: Path | None, layer_sequential: bool | None,
+) -> None:
+    """Perplexity, KL, router agreement, memory and speed of VARIANTS against the 16-bit baseline."""
+    from .checkpoint import resolve_model
+    from .eval.report import markdown
+    from .eval.runner import evaluate
+
+    report = evaluate(list(variants), resolve_model(baseline), dataset, ctx, stride, device, report_dir, check,
+                      layer_sequential)
+    click.echo(markdown(report))
+
+
+@cli.group()
+def export() -> None:
+    """Export an artifact for other runtimes."""
+
+
+@export.command("onnx")
+@click.argument("variant", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path))
+@click.option("--target", type=click.Choice(["ort", "standard"]), default="ort", show_default=True,
+              help="ort: onnxruntime contrib ops (MoE/QMoE, GroupQueryAttention, MatMulNBits); standard: ai.onnx only.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--nf4-experts", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True,
+              help="How NF4 experts map to QMoE (it has no NF4 kernel).")
+@click.option("--overwrite", is_flag=True)
+def export_onnx_cmd(variant: Path | None, out: Path, target: str, dtype: str, nf4_experts: str,
+                    overwrite: bool) -> None:
+    """Write VARIANT as an ONNX decoder with KV-cache inputs/outputs, genai_config.json and tokenizer."""
+    from .checkpoint import resolve_model
+    from .export import ExportDtype, NF4Experts, Target, export_onnx
+
+    path = export_onnx(resolve_model(variant), out, Target[target.upper()], ExportDtype[dtype.upper()],
+                       overwrite, nf4_experts=NF4Experts[nf4_experts.upper()])
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--out", "-o", default=Path("exports/demo"), show_default=True, type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), help=MODEL_HELP)
+@click.option("--recipe", "recipes", multiple=True, help="Only these recipes (repeatable). Default: all shipped.")
+@click.option("--samples", default=32, show_default=True, type=int, help="Calibration sequences per recipe.")
+@click.option("--eval-tokens", default=16384, show_default=True, type=int, help="Tokens of wiki-test to score.")
+@click.option("--check", type=click.Path(path_type=Path), help="Bounds TOML for the regression gate.")
+@click.option("--no-onnx", is_flag=True, help="Skip the ONNX exports.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def demo(out: Path, model: Path | None, recipes: tuple[str, ...], samples: int, eval_tokens: int,
+         check: Path | None, no_onnx: bool, device: str) -> None:
+    """Quantize the tiny model with every recipe, export ONNX, evaluate all against fp16."""
+    from .demo import run_demo
+    from .eval.report import markdown
+
+    report = run_demo(out, model, list(recipes) or None, samples, eval_tokens, 512, check, not no_onnx,
+                      pick_device(device), say=click.echo)
+    click.echo(markdown(report))
+    click.echo(f"reports in {out / 'report'}")
+
+
 def main() -> None:
     debug = "--debug" in sys.argv[1:]
     # bitsandbytes logs a warning about optional CPU kernels at import; the CLI keeps its output clean.

@@ -13,6 +13,7 @@ The weights are stored in bfloat16, as the real checkpoints are.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
@@ -38,7 +39,7 @@ def documents(text: str) -> list[str]:
     """Split a corpus file into documents at its '= Title =' lines."""
     starts = [m.start() for m in TITLE.finditer(text)] or [0]
     starts.append(len(text))
-    return [text[a:b].strip() for a, b in zip(starts, starts[1:]) if text[a:b].strip()]
+    return [text[a:b].strip() for a, b in itertools.pairwise(starts) if text[a:b].strip()]
 
 
 def token_stream(sp: spm.SentencePieceProcessor, paths: list[tuple[Path, int]]) -> torch.Tensor:
@@ -126,6 +127,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX)")
     ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop (and save) after N steps of the --steps schedule; the same bytes as that run's snapshot")
     ap.add_argument("--save-every", type=int, default=0, help="also save the folder every N steps (0: only at the end)")
     args = ap.parse_args()
 
@@ -172,6 +175,8 @@ def main() -> None:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             entry["wiki_test_ppl_512"] = heldout_ppl(model, test, 512, 24)
         log.append(entry)
+        if args.stop_after and step + 1 >= args.stop_after:
+            break
         if args.save_every and (step + 1) % args.save_every == 0:
             save(model, args.out, summary(args, log, len(train), t0))
         if step % 10 == 0 or "wiki_test_ppl_512" in entry:
