@@ -99,19 +99,30 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def prepare_output(out: Path, overwrite: bool, resume: bool) -> Path:
-    """The work folder for ``out``; refuses to clobber a finished artifact or an unfinished run."""
+def check_output(out: Path, overwrite: bool, resume: bool, source: Path | None = None) -> None:
+    """Refuse, before any work, to clobber a finished artifact, an unfinished run or the source itself."""
     work = partial_dir(out)
+    if source is not None:
+        src = source.resolve()
+        for target in (out.resolve(), work.resolve()):
+            if target == src or target in src.parents:
+                raise MixtralQuantError(f"--out {out} would replace the source model {source}: choose another folder")
     if out.exists() and not overwrite:
         raise MixtralQuantError(f"{out} already exists: choose another --out or pass --overwrite")
-    if work.exists() and not resume:
-        if not overwrite:
-            raise MixtralQuantError(
-                f"{work} holds an unfinished run: continue it with --resume, or start over with --overwrite"
-            )
-        shutil.rmtree(work)
+    if work.exists() and not resume and not overwrite:
+        raise MixtralQuantError(
+            f"{work} holds an unfinished run: continue it with --resume, or start over with --overwrite"
+        )
     if resume and not work.exists():
         raise MixtralQuantError(f"nothing to resume: {work} does not exist")
+
+
+def prepare_output(out: Path, overwrite: bool, resume: bool, source: Path | None = None) -> Path:
+    """The work folder for ``out``; refuses to clobber a finished artifact, an unfinished run or the source."""
+    check_output(out, overwrite, resume, source)
+    work = partial_dir(out)
+    if work.exists() and not resume:
+        shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     return work
 

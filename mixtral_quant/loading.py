@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .artifact import MANIFEST, verify
 from .checkpoint import CheckpointReader, check_tensor, load_config, quantization_config, resolve_model
 from .config import MixtralConfig
 from .errors import CheckpointError, ConfigError
@@ -60,8 +61,14 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> MixtralForCausalLM:
-    """Build the reference model from a folder; quantized linears become runtime modules."""
+    """Build the reference model from a folder; quantized linears become runtime modules.
+
+    A folder with a manifest.json (an artifact this tool wrote) is verified first, each file hashed
+    once: a file changed since it was written is an IntegrityError that names it.
+    """
     path = resolve_model(folder)
+    if (path / MANIFEST).is_file():
+        verify(path)
     cfg = load_config(path)
     qc = quantization_config(path)
     method = get_method(quant_config_from_hf(qc)) if qc else None
@@ -95,13 +102,36 @@ def _get(
     reader: CheckpointReader, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
     folder: Path,
 ) -> torch.Tensor:
+    return _checked(reader, name, shape, folder).to(device=device, dtype=dtype)
+
+
+def _checked(reader: CheckpointReader, name: str, shape: tuple[int, ...], folder: Path) -> torch.Tensor:
+    """A float tensor as stored, present, of the config's shape, finite."""
     if name not in reader.where:
         raise CheckpointError(f"tensor {name} is missing from {folder}")
     t = reader.get(name)
     check_tensor(name, t, shape, folder)
     if not t.is_floating_point():
         raise CheckpointError(f"tensor {name} in {folder} is {t.dtype}, expected a float weight")
-    return t.to(device=device, dtype=dtype)
+    return t
+
+
+def check_checkpoint(reader: CheckpointReader, cfg: MixtralConfig) -> None:
+    """A 16-bit checkpoint holds every tensor the config needs, shaped, float and finite, and nothing else.
+
+    Reads each tensor once (memory-mapped, one at a time): ``quantize`` runs it before writing anything,
+    so a damaged source fails at once, naming the tensor, rather than hours into a run.
+    """
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in MixtralForCausalLM(cfg).state_dict().items()}
+    if cfg.tie_word_embeddings and "lm_head.weight" not in reader.where:
+        del expected["lm_head.weight"]
+    unexpected = sorted(set(reader.names) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{reader.folder} holds tensors the {cfg.model_type} config has no place for: "
+                              f"{', '.join(unexpected[:3])}" + (" and more" if len(unexpected) > 3 else ""))
+    for name, shape in expected.items():
+        _checked(reader, name, shape, reader.folder)
 
 
 def _load_linear(
@@ -138,7 +168,7 @@ def new_model(cfg: MixtralConfig, seed: int = 0, dtype: torch.dtype = torch.floa
     gen = torch.Generator().manual_seed(seed)
     model = MixtralForCausalLM(cfg)
     with torch.no_grad():
-        for pname, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.fill_(1.0)
             else:
@@ -163,4 +193,4 @@ def load_layer(
     for rel, shape in expected.items():
         state[rel] = _get(reader, prefix + rel, shape, dtype, device, reader.folder)
     layer.load_state_dict(state, assign=True)
-    return layer.eval()
+    return layer.requires_grad_(False).eval()

@@ -9,6 +9,7 @@ last finished layer and the result has the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -21,17 +22,28 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from .artifact import prepare_output, publish, sha256_bytes, sha256_file, write_json, write_manifest
+from .artifact import (
+    check_output,
+    partial_dir,
+    prepare_output,
+    publish,
+    sha256_bytes,
+    sha256_file,
+    write_json,
+    write_manifest,
+)
 from .calibrate import LayerQuantizer, LayerReport, calibration_tokens, check_finite
 from .checkpoint import INDEX_FILE, CheckpointReader, load_config, quantization_config, resolve_model
 from .config import read_config_json
 from .errors import MixtralQuantError
-from .loading import load_layer
+from .loading import check_checkpoint, load_layer
 from .quant import MethodName, get_method
 from .recipe import Recipe
 from .tokenizer import Tokenizer
 
 STATE = "state.json"
+CPU = torch.device("cpu")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "LICENSE-tokenizer", "TOKENIZER_NOTICE.md")
 
@@ -50,15 +62,31 @@ def quantize_model(
     model: str | Path | None,
     recipe: Recipe,
     out: Path,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
     chunk: int = 8,
     stop_after: int | None = None,
 ) -> Path:
-    """Quantize every expert and attention projection of MODEL with RECIPE into the artifact OUT."""
+    """Quantize every expert and attention projection of MODEL with RECIPE into the artifact OUT.
+
+    Bad input fails before anything is written; a full disk fails with the finished layers kept
+    in ``<out>.partial`` for ``resume``.
+    """
+    try:
+        return _quantize(model, recipe, out, device, resume, overwrite, progress, chunk, stop_after)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        raise MixtralQuantError(f"the disk is full ({e.strerror}) while writing {partial_dir(out)}: "
+                                "free space, then continue with --resume") from None
+
+
+def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch.device, resume: bool,
+              overwrite: bool, progress: bool, chunk: int, stop_after: int | None) -> Path:
     src = resolve_model(model)
+    check_output(out, overwrite, resume, src)
     if quantization_config(src):
         raise MixtralQuantError(f"{src} is already quantized: quantize from the 16-bit checkpoint")
     cfg = load_config(src)
@@ -69,12 +97,18 @@ def quantize_model(
     check(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
     tok = Tokenizer(src if (src / "tokenizer.model").is_file() else resolve_model(None))
     reader = CheckpointReader(src)
+    check_checkpoint(reader, cfg)  # every tensor there, shaped, float and finite, before anything is written
     t_start = time.time()
     source_hashes = {f.name: sha256_file(f) for f in reader.files}
     tokens = calibration_tokens(recipe, tok) if recipe.needs_calibration else calibration_tokens_light(recipe, tok)
+    if int(tokens.max()) >= cfg.vocab_size:
+        raise MixtralQuantError(
+            f"the tokenizer {tok.path} gives ids up to {int(tokens.max())} but the model's vocab_size is "
+            f"{cfg.vocab_size}: put the model's own tokenizer.model in {src}"
+        )
     cal_hash = sha256_bytes(tokens.numpy().tobytes())
     identity = {"recipe": recipe.digest(), "source": source_hashes, "calibration_sha256": cal_hash}
-    work = prepare_output(out, overwrite, resume)
+    work = prepare_output(out, overwrite, resume, src)
     n_shards = cfg.num_hidden_layers + 1
     state: dict[str, Any] = {"identity": identity, "layers_done": 0, "reports": []}
     if resume and (work / STATE).is_file():
@@ -89,7 +123,7 @@ def quantize_model(
             check_finite(n, t)
         save_atomic(head, work / shard_name(1, n_shards))
         h = torch.nn.functional.embedding(tokens, reader.get("model.embed_tokens.weight", torch.float32))
-    else:
+    elif done < cfg.num_hidden_layers:  # a run stopped while finishing has no activations left, nor needs them
         h = load_file(str(work / f"activations-{done}.safetensors"))["h"]
     bar = tqdm(range(done, cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
                initial=done, total=cfg.num_hidden_layers, disable=not progress)
@@ -128,7 +162,8 @@ def calibration_tokens_light(recipe: Recipe, tok: Tokenizer) -> torch.Tensor:
 def finish(src: Path, work: Path, recipe: Recipe, n_layers: int, identity: dict[str, Any],
            state: dict[str, Any], seconds: float) -> None:
     """Index, config with quantization_config, tokenizer, calibration record, manifest."""
-    (work / f"activations-{n_layers}.safetensors").unlink(missing_ok=True)
+    for scrap in [*work.glob("activations-*.safetensors"), *work.glob("*.tmp")]:  # also a killed run's leftovers
+        scrap.unlink()
     n = n_layers + 1
     weight_map: dict[str, str] = {}
     total = 0
