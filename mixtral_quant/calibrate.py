@@ -16,9 +16,9 @@ only routed tokens. Token counts and fallbacks are recorded in the artifact.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import torch
@@ -128,7 +128,7 @@ class LayerQuantizer:
         assert acc is not None
         return acc
 
-    def capture(self, h: torch.Tensor, modules: dict[str, nn.Module], run: Callable[[torch.Tensor], Any]
+    def capture(self, h: torch.Tensor, modules: Mapping[str, nn.Module], run: Callable[[torch.Tensor], Any]
                 ) -> dict[str, HessianAccumulator]:
         """Hessians of the inputs each module receives while ``run`` goes over the activations."""
         accs: dict[str, HessianAccumulator] = {}
@@ -188,39 +188,49 @@ class LayerQuantizer:
         self.report.tokens_per_expert = counts.tolist()
 
     def quantize_experts(self, h: torch.Tensor, gptq: bool) -> None:
+        """w1/w3 of every expert, then w2 from the quantized w1/w3's outputs.
+
+        Each expert's Hessian source: "routed" (its routed tokens), "all" (every calibration token:
+        the all-tokens policy, or the all-tokens fallback of a starved expert) or None (RTN fallback).
+        """
         moe = self.layer.block_sparse_moe
         assert moe is not None
         experts: list[Expert] = list(moe.experts)  # type: ignore[arg-type]
         ex = self.recipe.experts
         total = h.shape[0] * h.shape[1]
-        starved = {e for e, n in enumerate(self.report.tokens_per_expert) if n < ex.min_token_share * total}
-        everyone = ex.policy is ExpertPolicy.ALL_TOKENS
-        all_tokens = ex.fallback is Fallback.ALL_TOKENS
-        run_moe = lambda x: moe(self.mlp_input(x))  # noqa: E731
+        source: dict[int, str | None] = {}
+        notes: dict[int, str | None] = {}
+        for e, n in enumerate(self.report.tokens_per_expert):
+            starved = n < ex.min_token_share * total
+            if ex.policy is ExpertPolicy.ALL_TOKENS:
+                source[e], notes[e] = "all", None
+            elif starved:
+                source[e] = "all" if ex.fallback is Fallback.ALL_TOKENS else None
+                notes[e] = f"{ex.fallback.value}: {n} of {total} tokens < {ex.min_token_share:.2%}"
+            else:
+                source[e], notes[e] = "routed", None
+        if not gptq:
+            source = dict.fromkeys(source)
 
-        def why(e: int) -> str | None:
-            if e not in starved or everyone:
-                return None
-            n = self.report.tokens_per_expert[e]
-            return f"{ex.fallback.value}: {n} of {total} tokens < {ex.min_token_share:.2%}"
+        def run_moe(x: torch.Tensor) -> Any:
+            return moe(self.mlp_input(x))
 
-        shared = self.hessian_of(h, self.mlp_input) if gptq and (everyone or (starved and all_tokens)) else None
-        routed = self.capture(h, {f"{e}": x.w1 for e, x in enumerate(experts)}, run_moe) if gptq and not everyone else {}
+        shared = self.hessian_of(h, self.mlp_input) if "all" in source.values() else None
+        routed_w1 = {str(e): x.w1 for e, x in enumerate(experts) if source[e] == "routed"}
+        routed = self.capture(h, routed_w1, run_moe) if routed_w1 else {}
         for e in range(len(experts)):
-            acc = shared if (everyone or (e in starved and all_tokens)) else routed.get(f"{e}")
-            if e in starved and not all_tokens and not everyone:
-                acc = None
+            acc = shared if source[e] == "all" else routed.get(str(e))
             for w in ("w1", "w3"):
-                self.quantize(f"block_sparse_moe.experts.{e}.{w}", acc if gptq else None, why(e))
-        down: dict[str, HessianAccumulator] = {}
-        if gptq:
-            down = self.capture(h, {f"{e}": x.w2 for e, x in enumerate(experts)}, run_moe) if not everyone else {}
-            for e, x in enumerate(experts):
-                if everyone or (e in starved and all_tokens):
-                    down[f"{e}"] = self.hessian_of(h, lambda t, x=x: _swiglu_hidden(x, self.mlp_input(t)))
-        for e in range(len(experts)):
-            acc = down.get(f"{e}") if not (e in starved and not all_tokens and not everyone) else None
-            self.quantize(f"block_sparse_moe.experts.{e}.w2", acc if gptq else None, why(e))
+                self.quantize(f"block_sparse_moe.experts.{e}.{w}", acc, notes[e])
+        routed_w2 = {str(e): x.w2 for e, x in enumerate(experts) if source[e] == "routed"}
+        down = self.capture(h, routed_w2, run_moe) if routed_w2 else {}
+        for e, expert in enumerate(experts):
+            if source[e] == "all":
+                down[str(e)] = self.hessian_of(h, partial(self._hidden_of, expert))
+            self.quantize(f"block_sparse_moe.experts.{e}.w2", down.get(str(e)), notes[e])
+
+    def _hidden_of(self, expert: Expert, x: torch.Tensor) -> torch.Tensor:
+        return _swiglu_hidden(expert, self.mlp_input(x))
 
     def quantize_dense_mlp(self, h: torch.Tensor, gptq: bool) -> None:
         mlp = self.layer.mlp
@@ -254,4 +264,6 @@ def relative_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor | N
 
 def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
-        raise MixtralQuantError(f"tensor {name} holds NaN or Inf: the source checkpoint is damaged; nothing was written")
+        raise MixtralQuantError(
+            f"tensor {name} holds NaN or Inf: the source checkpoint is damaged; nothing was written"
+        )

@@ -24,6 +24,7 @@ from .recipe import CORPORA, load_recipe, shipped_recipes
 from .tokenizer import Tokenizer
 
 ONNX_VARIANTS = ("gptq-w4g128", "int8")
+CPU = torch.device("cpu")
 
 
 def head_of(text_file: Path, tokenizer: Tokenizer, tokens: int, out: Path) -> Path:
@@ -47,7 +48,7 @@ def run_demo(
     ctx: int = 512,
     check: Path | None = None,
     onnx: bool = True,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
     say: Callable[[str], None] = print,
 ) -> EvalReport:
     src = resolve_model(model) if model is not None else DEFAULT_MODEL

@@ -16,12 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, get_type_hints
-
-import tomllib
 
 from .errors import ConfigError
 from .quant import MethodName, QuantConfig

@@ -21,7 +21,9 @@ class Tokenizer:
         if p.is_dir():
             p = p / TOKENIZER_FILE
         if not p.is_file():
-            raise MixtralQuantError(f"no {TOKENIZER_FILE} at {p.parent}: copy the model's sentencepiece tokenizer there")
+            raise MixtralQuantError(
+                f"no {TOKENIZER_FILE} at {p.parent}: copy the model's sentencepiece tokenizer there"
+            )
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(p))
         except (RuntimeError, OSError) as e:
@@ -53,7 +55,7 @@ class Tokenizer:
         for i, (user, answer) in enumerate(turns):
             ids += self.encode(f"[INST] {user} [/INST]", bos=False)
             if answer is not None:
-                ids += self.encode(answer, bos=False) + [self.eos_id]
+                ids += [*self.encode(answer, bos=False), self.eos_id]
             elif i != len(turns) - 1:
                 raise MixtralQuantError("only the last chat turn may be without an answer")
         return ids

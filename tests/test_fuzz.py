@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import math
 import struct
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
-import tomllib
 import torch
 from conftest import SMALL_MISTRAL, SMALL_MIXTRAL
 from hypothesis import HealthCheck, given, settings

@@ -42,11 +42,10 @@ import json
 import math
 import os
 import tempfile
+import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.eval.compare import Comparison

@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -283,7 +283,7 @@ def evaluate(
             _release(dev)
         results.append(result)
     report = EvalReport(
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
         tool_version=mixtral_quant.__version__,
         dataset=data.to_dict(),
         settings={
