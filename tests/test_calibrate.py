@@ -93,3 +93,25 @@ def test_gptq_layer_error_below_round_to_nearest(artifacts, base, heldout, bits)
     gptq = layer_output_error(artifacts[f"gptq-w{bits}g128"], base, heldout)
     rtn = layer_output_error(artifacts[f"rtn-w{bits}g128"], base, heldout)
     assert gptq < rtn, f"{bits}-bit: GPTQ {gptq:.4g} vs RTN {rtn:.4g}"
+
+
+def test_dense_mistral_goes_through_the_same_pipeline(tmp_path):
+    import shutil
+    from dataclasses import replace
+
+    from conftest import SMALL_MISTRAL, save_model
+
+    from mixtral_quant.loading import new_model
+
+    cfg = replace(SMALL_MISTRAL, vocab_size=32000, hidden_size=128, intermediate_size=256, initializer_range=0.02)
+    src = save_model(new_model(cfg, seed=11), tmp_path / "mistral")
+    shutil.copyfile(DEFAULT_MODEL / "tokenizer.model", src / "tokenizer.model")
+    art = quantize_model(src, load_recipe("gptq-w4g128", samples=4, seq_len=64), tmp_path / "q", progress=False)
+    with CheckpointReader(art) as r:
+        for i in range(cfg.num_hidden_layers):
+            for p in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"):
+                assert r.dtype(f"model.layers.{i}.{p}.qweight") == "I32"
+    ids = torch.randint(0, cfg.vocab_size, (1, 32))
+    with torch.no_grad():
+        ref, out = load_model(src)(ids).logits, load_model(art)(ids).logits
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
