@@ -36,6 +36,7 @@ from .calibrate import LayerQuantizer, LayerReport, calibration_tokens, check_fi
 from .checkpoint import INDEX_FILE, CheckpointReader, load_config, quantization_config, resolve_model
 from .config import read_config_json
 from .errors import MixtralQuantError
+from .export.genai import write_tokenizer_files
 from .loading import check_checkpoint, load_layer
 from .quant import MethodName, get_method
 from .recipe import Recipe
@@ -185,6 +186,8 @@ def finish(src: Path, work: Path, recipe: Recipe, n_layers: int, identity: dict[
     for name in COPY_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, work / name)
+    # GPTQModel, transformers and vLLM read tokenizer.json; build it from tokenizer.model when missing.
+    write_tokenizer_files(work, int(config.get("max_position_embeddings", 4096)))
     reports = [LayerReport(**r) for r in state["reports"]]
     calibration = {
         "recipe": recipe.to_dict(),

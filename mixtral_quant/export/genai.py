@@ -265,13 +265,19 @@ def write_genai_files(cfg: MixtralConfig, out_dir: Path, target: Target) -> list
     out_dir = Path(out_dir)
     written = [out_dir / GENAI_CONFIG]
     written[0].write_text(json.dumps(genai_config(cfg, target), indent=2) + "\n")
+    return written + write_tokenizer_files(out_dir, cfg.max_position_embeddings)
+
+
+def write_tokenizer_files(out_dir: Path, context_length: int) -> list[Path]:
+    """tokenizer.json and tokenizer_config.json built from the folder's tokenizer.model, where missing."""
+    written: list[Path] = []
     sp_file = out_dir / TOKENIZER_FILE
     wanted = [name for name in (TOKENIZER_JSON, TOKENIZER_CONFIG) if not (out_dir / name).is_file()]
     if not sp_file.is_file() or not wanted:
         return written
     vocab = read_sentencepiece(sp_file)
     if TOKENIZER_CONFIG in wanted:
-        config = tokenizer_config(vocab, cfg.max_position_embeddings)
+        config = tokenizer_config(vocab, context_length)
         (out_dir / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         written.append(out_dir / TOKENIZER_CONFIG)
     if TOKENIZER_JSON in wanted:
