@@ -78,9 +78,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--tokens", type=int, default=0, help="score only the first N tokens of wiki-test (0: all)")
     args = ap.parse_args()
     tok = Tokenizer(args.model)
     test = load_dataset("wiki-test").tokens
+    if args.tokens:
+        test = test[: args.tokens + 1]
     base = load_model(args.model)
     res = model_perplexity(base, test, args.ctx)
     ppl = res.ppl
@@ -108,8 +111,8 @@ def main() -> None:
     lines = [
         "# The embedded tiny Mixtral: what it learned",
         "",
-        "Measured by `scripts/tiny_report.py` on wiki-test (windows of "
-        f"{args.ctx} tokens, no overlap).",
+        f"Measured by `scripts/tiny_report.py --tokens {args.tokens}` on wiki-test "
+        f"({res.tokens_scored} tokens scored, windows of {args.ctx}, no overlap).",
         "",
         "| measure | value |",
         "|---|---|",
