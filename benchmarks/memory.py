@@ -34,6 +34,7 @@ from mixtral_quant.tokenizer import TOKENIZER_FILE
 SECTION = "memory"
 RECIPES = ("nf4", "rtn-w4g128")
 LAYERS = 2
+SHARD_BYTES = 2**30  # write_checkpoint holds one shard's tensors until the shard is written
 NEEDED_BYTES = 2 * 6 * 10**9  # the checkpoint plus the largest quantized artifact, with room
 
 
@@ -54,7 +55,7 @@ def write_synthetic(folder: Path) -> Path:
         return folder
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_checkpoint(synthetic_tensors(cfg), tmp)
+    write_checkpoint(synthetic_tensors(cfg), tmp, max_shard_bytes=SHARD_BYTES)
     cfg.save(tmp / "config.json")
     shutil.copyfile(DEFAULT_MODEL / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
     tmp.rename(folder)
