@@ -129,7 +129,6 @@ def test_dense_mistral_runs() -> None:
     assert math.isfinite(result.ppl) and result.windows == 4
 
 
-@pytest.mark.skipif(not (TINY_MODEL / "config.json").is_file(), reason="the trained tiny model is not committed yet")
 def test_matches_transformers_on_trained_tiny_model() -> None:
     from mixtral_quant.loading import load_model
 

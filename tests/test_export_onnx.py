@@ -398,7 +398,6 @@ def test_onnxruntime_genai_generates_like_runner(
 TINY_ASSET = Path(__file__).resolve().parents[1] / "mixtral_quant" / "assets" / "tiny-mixtral"
 
 
-@pytest.mark.skipif(not (TINY_ASSET / "model.safetensors").is_file(), reason="the embedded tiny model is not built yet")
 @pytest.mark.parametrize("target", [Target.ORT, Target.STANDARD], ids=lambda t: t.value)
 def test_embedded_tiny_model(tmp_path: Path, target: Target) -> None:
     out = export_onnx(TINY_ASSET, tmp_path / "tiny", target, progress=False)
