@@ -260,10 +260,3 @@ def relative_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor | N
     num = torch.einsum("oi,ij,oj->", d, hessian, d)
     den = torch.einsum("oi,ij,oj->", w.float(), hessian, w.float())
     return float((num / den.clamp(min=1e-30)).item())
-
-
-def check_finite(name: str, t: torch.Tensor) -> None:
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise MixtralQuantError(
-            f"tensor {name} holds NaN or Inf: the source checkpoint is damaged; nothing was written"
-        )
