@@ -8,23 +8,23 @@ calibration data's hash; ``verify`` checks it and names any file that changed.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import MixtralQuantError
+from .errors import IntegrityError, MixtralQuantError
 
 MANIFEST = "manifest.json"
+STATE = "state.json"  # a run's commit point in its .partial folder; gone once the artifact is complete
 # Files that describe one run (timings) rather than the artifact; not hashed.
 RUN_FILES = frozenset({MANIFEST, "run_log.json"})
-
-
-class IntegrityError(MixtralQuantError):
-    """An artifact's files do not match its manifest."""
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -124,7 +124,16 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, source: Path | None
     if work.exists() and not resume:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    remove_scraps(work)
     return work
+
+
+def remove_scraps(folder: Path) -> None:
+    """Delete half-written files a killed run leaves: ours end in ``.tmp``; safetensors (0.8) writes
+    through a ``.tmpXXXXXX`` file it renames when done."""
+    for scrap in {*folder.glob("*.tmp"), *folder.glob(".tmp*")}:
+        if scrap.is_file():
+            scrap.unlink()
 
 
 def publish(work: Path, out: Path) -> Path:
@@ -139,6 +148,24 @@ def publish(work: Path, out: Path) -> Path:
     else:
         os.replace(work, out)
     return out
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def run_errors(out: Path) -> Iterator[None]:
+    """An OSError of a long run becomes one line that says what to do; finished work stays in
+    ``<out>.partial`` for --resume."""
+    try:
+        yield
+    except OSError as e:
+        what = f"the disk is full ({e.strerror})" if e.errno in DISK_FULL else (
+            f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e))
+        work = partial_dir(out)
+        if work.exists():
+            raise MixtralQuantError(f"{what} while writing {work}: fix it, then continue with --resume") from None
+        raise MixtralQuantError(what) from None
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -253,10 +253,14 @@ def _rtn_like(recipe: Recipe) -> Any:
 
 
 def relative_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor | None) -> float:
-    """||X(W-Q)^T||^2 / ||XW^T||^2 from the Hessian when there is one, else ||W-Q||^2 / ||W||^2."""
+    """||X(W-Q)^T||^2 / ||XW^T||^2 from the Hessian when there is one, else ||W-Q||^2 / ||W||^2.
+
+    Rounded to 6 significant digits: the last bits of a float32 sum follow the thread count, and a
+    report should not change when a resumed run uses another one."""
     d = (w - deq).float()
     if hessian is None:
-        return float((d.pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-30)).item())
-    num = torch.einsum("oi,ij,oj->", d, hessian, d)
-    den = torch.einsum("oi,ij,oj->", w.float(), hessian, w.float())
-    return float((num / den.clamp(min=1e-30)).item())
+        ratio = d.pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-30)
+    else:
+        num = torch.einsum("oi,ij,oj->", d, hessian, d)
+        ratio = num / torch.einsum("oi,ij,oj->", w.float(), hessian, w.float()).clamp(min=1e-30)
+    return float(f"{ratio.item():.6g}")

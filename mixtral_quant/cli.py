@@ -182,15 +182,17 @@ def export() -> None:
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--nf4-experts", type=click.Choice(["int8", "int4", "float"]), default="int8", show_default=True,
               help="How NF4 experts map to QMoE (it has no NF4 kernel).")
-@click.option("--overwrite", is_flag=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT (or start an unfinished one over).")
+@click.option("--resume", is_flag=True, help="Continue an export that was interrupted (OUT.partial).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def export_onnx_cmd(variant: Path | None, out: Path, target: str, dtype: str, nf4_experts: str,
-                    overwrite: bool) -> None:
+                    overwrite: bool, resume: bool, quiet: bool) -> None:
     """Write VARIANT as an ONNX decoder with KV-cache inputs/outputs, genai_config.json and tokenizer."""
     from .checkpoint import resolve_model
     from .export import ExportDtype, NF4Experts, Target, export_onnx
 
     path = export_onnx(resolve_model(variant), out, Target[target.upper()], ExportDtype[dtype.upper()],
-                       overwrite, nf4_experts=NF4Experts[nf4_experts.upper()])
+                       overwrite, progress=not quiet, nf4_experts=NF4Experts[nf4_experts.upper()], resume=resume)
     click.echo(f"wrote {path}")
 
 

@@ -19,3 +19,7 @@ class CheckpointError(MixtralQuantError):
 
 class ConfigError(MixtralQuantError):
     """A config.json or recipe is not one this tool can use."""
+
+
+class IntegrityError(MixtralQuantError):
+    """An artifact's files do not match its manifest, or a run's partial files do not match the run."""

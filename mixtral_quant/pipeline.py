@@ -9,7 +9,6 @@ last finished layer and the result has the same bytes as an uninterrupted run.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 import time
@@ -23,10 +22,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .artifact import (
+    STATE,
     check_output,
-    partial_dir,
     prepare_output,
     publish,
+    remove_scraps,
+    run_errors,
     sha256_bytes,
     sha256_file,
     write_json,
@@ -42,9 +43,7 @@ from .quant import MethodName, get_method
 from .recipe import Recipe
 from .tokenizer import Tokenizer
 
-STATE = "state.json"
 CPU = torch.device("cpu")
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 COPY_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "LICENSE-tokenizer", "TOKENIZER_NOTICE.md")
 
@@ -75,13 +74,8 @@ def quantize_model(
     Bad input fails before anything is written; a full disk fails with the finished layers kept
     in ``<out>.partial`` for ``resume``.
     """
-    try:
+    with run_errors(out):
         return _quantize(model, recipe, out, device, resume, overwrite, progress, chunk, stop_after)
-    except OSError as e:
-        if e.errno not in DISK_FULL:
-            raise
-        raise MixtralQuantError(f"the disk is full ({e.strerror}) while writing {partial_dir(out)}: "
-                                "free space, then continue with --resume") from None
 
 
 def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch.device, resume: bool,
@@ -161,8 +155,9 @@ def calibration_tokens_light(recipe: Recipe, tok: Tokenizer) -> torch.Tensor:
 def finish(src: Path, work: Path, recipe: Recipe, n_layers: int, identity: dict[str, Any],
            state: dict[str, Any], seconds: float) -> None:
     """Index, config with quantization_config, tokenizer, calibration record, manifest."""
-    for scrap in [*work.glob("activations-*.safetensors"), *work.glob("*.tmp")]:  # also a killed run's leftovers
+    for scrap in work.glob("activations-*.safetensors"):
         scrap.unlink()
+    remove_scraps(work)  # a killed run's half-written files
     n = n_layers + 1
     weight_map: dict[str, str] = {}
     total = 0

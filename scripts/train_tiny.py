@@ -2,6 +2,11 @@
 
     python scripts/train_tiny.py --out mixtral_quant/assets/tiny-mixtral --steps 1200
 
+A second phase continues from a saved folder with a fresh optimiser (its training log keeps the first
+phase's as ``previous``):
+
+    python scripts/train_tiny.py --init-from DIR --schedule constant --lr 1e-3 --steps 600 --seed 1
+
 The model is Mixtral-8x7B's architecture scaled down (config preset ``tiny``): the real 32000-token
 tokenizer, 8 experts with top-2 routing, 4 query heads per key/value head, rotary embeddings and a
 sliding window of 256 (shorter than the 512-token evaluation context). It trains on the project's
@@ -13,6 +18,7 @@ The weights are stored in bfloat16, as the real checkpoints are.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import math
@@ -20,11 +26,12 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from mixtral_quant.config import PRESETS, MoEArgs
 from mixtral_quant.model import MixtralForCausalLM
@@ -76,9 +83,23 @@ def heldout_ppl(model: MixtralForCausalLM, ids: torch.Tensor, ctx: int, max_wind
     return math.exp(nll / count)
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
+@torch.no_grad()
+def rtn_rise(model: MixtralForCausalLM, ids: torch.Tensor, ctx: int, max_windows: int, base: float) -> dict[str, float]:
+    """Percent perplexity rise from round-to-nearest g128 (experts and attention) at 4 and 3 bits."""
+    from tiny_report import rtn  # scripts/ is on sys.path when this file runs as a script
+
+    rise = {}
+    for bits in (4, 3):
+        q = rtn(copy.deepcopy(model), bits)
+        rise[str(bits)] = 100 * (heldout_ppl(q, ids, ctx, max_windows) / base - 1)
+    return rise
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float, schedule: str = "cosine") -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
     progress = (step - warmup) / max(1, total - warmup)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
 
@@ -99,8 +120,10 @@ def save(model: MixtralForCausalLM, out: Path, summary: dict[str, object]) -> No
     (out / "training_log.json").write_text(json.dumps(summary, indent=1) + "\n")
 
 
-def summary(args: argparse.Namespace, log: list[dict[str, float]], stream: int, t0: float) -> dict[str, object]:
+def summary(args: argparse.Namespace, log: list[dict[str, Any]], stream: int, t0: float,
+            previous: dict[str, Any] | None = None) -> dict[str, object]:
     return {
+        "previous": previous,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
         "steps_done": len(log),
         "train_tokens_seen": len(log) * args.batch * args.seq,
@@ -130,6 +153,10 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int, default=0,
                     help="stop (and save) after N steps of the --steps schedule; the same bytes as that run's snapshot")
     ap.add_argument("--save-every", type=int, default=0, help="also save the folder every N steps (0: only at the end)")
+    ap.add_argument("--init-from", type=Path, default=None, help="start from this folder's weights (a second phase)")
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    ap.add_argument("--rtn-every", type=int, default=0,
+                    help="also measure the perplexity rise of RTN g128 at 4 and 3 bits every N steps")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -144,6 +171,10 @@ def main() -> None:
     assert isinstance(cfg.moe, MoEArgs)
     model = MixtralForCausalLM(cfg)
     init_weights(model, cfg.initializer_range)
+    previous = None
+    if args.init_from is not None:
+        model.load_state_dict({k: v.float() for k, v in load_file(str(args.init_from / "model.safetensors")).items()})
+        previous = json.loads((args.init_from / "training_log.json").read_text())
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -154,10 +185,10 @@ def main() -> None:
         eps=1e-8,
     )
     gen = torch.Generator().manual_seed(args.seed)
-    log: list[dict[str, float]] = []
+    log: list[dict[str, Any]] = []
     t0 = time.time()
     for step in range(args.steps):
-        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr)
+        lr = lr_at(step, args.steps, args.lr, args.warmup, args.min_lr, args.schedule)
         for group in opt.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, len(train) - args.seq - 1, (args.batch,), generator=gen)
@@ -171,21 +202,27 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        entry = {"step": step, "lr": lr, "ce": ce.item(), "aux": out.aux_loss.item(), "elapsed_s": time.time() - t0}
+        entry: dict[str, Any] = {"step": step, "lr": lr, "ce": ce.item(), "aux": out.aux_loss.item(),
+                                 "elapsed_s": time.time() - t0}
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             entry["wiki_test_ppl_512"] = heldout_ppl(model, test, 512, 24)
+        if args.rtn_every and ((step + 1) % args.rtn_every == 0 or step + 1 == args.steps):
+            base_ppl = entry.get("wiki_test_ppl_512") or heldout_ppl(model, test, 512, 24)
+            entry["rtn_rise_percent"] = rtn_rise(model, test, 512, 24, base_ppl)
+            print(f"step {step:5d} RTN g128 rise 4-bit {entry['rtn_rise_percent']['4']:.3f} % "
+                  f"3-bit {entry['rtn_rise_percent']['3']:.3f} %", flush=True)
         log.append(entry)
         if args.stop_after and step + 1 >= args.stop_after:
             break
         if args.save_every and (step + 1) % args.save_every == 0:
-            save(model, args.out, summary(args, log, len(train), t0))
+            save(model, args.out, summary(args, log, len(train), t0, previous))
         if step % 10 == 0 or "wiki_test_ppl_512" in entry:
             rate = (step + 1) * args.batch * args.seq / (time.time() - t0)
             extra = f" wiki-test ppl {entry['wiki_test_ppl_512']:.1f}" if "wiki_test_ppl_512" in entry else ""
             print(f"step {step:5d} lr {lr:.2e} ce {entry['ce']:.3f} aux {entry['aux']:.3f} {rate:.0f} tok/s{extra}",
                   flush=True)
 
-    save(model, args.out, summary(args, log, len(train), t0))
+    save(model, args.out, summary(args, log, len(train), t0, previous))
     print(f"saved to {args.out} after {time.time() - t0:.0f}s", flush=True)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from conftest import SMALL_MIXTRAL, save_model
 
 import mixtral_quant.artifact
@@ -102,6 +103,7 @@ def test_stop_then_resume_gives_the_same_bytes(tmp_path: Path, source: Path, rec
     # What a kill between two steps leaves: the previous layer's activations, a half-written shard.
     (work / "activations-1.safetensors").write_bytes(activations)
     (work / (shard_name(4, 5) + ".tmp")).write_bytes(activations[:100])
+    (work / ".tmpX1b2C3").write_bytes(activations[:100])  # safetensors' own temporary file, killed mid-write
     quantize_model(source, recipe, out, progress=False, resume=True)
     assert_same_artifact(out, reference, source, source_hashes)
 
@@ -133,8 +135,8 @@ def test_sigkill_then_resume_gives_the_same_bytes(tmp_path: Path, source: Path, 
     out = tmp_path / "out"
     first_layer = partial_dir(out) / shard_name(2, 5)
     cmd = [sys.executable, "-c", KILLABLE, "quantize", str(source), "-r", str(recipe_file), "-o", str(out), "-q"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the reference run's thread count
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not first_layer.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -6,7 +6,7 @@ import json
 
 import torch
 import transformers
-from conftest import SMALL_MIXTRAL, SMALL_MISTRAL, save_model
+from conftest import SMALL_MISTRAL, SMALL_MIXTRAL, save_model
 
 from mixtral_quant.checkpoint import INDEX_FILE, CheckpointReader
 from mixtral_quant.config import PRESETS, MixtralConfig
@@ -37,7 +37,8 @@ def test_sharded_write_has_index_and_loads_identically(tmp_path):
 
 
 def test_transformers_save_pretrained_loads_in_ours(tmp_path):
-    for cfg, cls in ((SMALL_MIXTRAL, transformers.MixtralForCausalLM), (SMALL_MISTRAL, transformers.MistralForCausalLM)):
+    pairs = ((SMALL_MIXTRAL, transformers.MixtralForCausalLM), (SMALL_MISTRAL, transformers.MistralForCausalLM))
+    for cfg, cls in pairs:
         ours = new_model(cfg, seed=9)
         folder = save_model(ours, tmp_path / cfg.model_type)
         theirs = cls.from_pretrained(folder, dtype=torch.float32)

@@ -79,7 +79,7 @@ def test_quantize_verify_inspect_eval_gate(tmp_path, capsys, monkeypatch):
 
 
 def test_missing_model_is_one_line_and_nonzero(capsys, monkeypatch):
-    code, out, err = run(["inspect", "/no/such/model"], capsys, monkeypatch)
+    code, _out, err = run(["inspect", "/no/such/model"], capsys, monkeypatch)
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("error:")
 

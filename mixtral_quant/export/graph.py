@@ -11,6 +11,7 @@ defaults to an IR version onnxruntime 1.31 refuses.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,6 +19,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from mixtral_quant.errors import IntegrityError
 
 IR_VERSION = 10
 OPSET = 17
@@ -46,24 +49,55 @@ def onnx_type(dtype: np.dtype[Any] | type) -> int:
 
 
 class ExternalData:
-    """An append-only data file; returns where each tensor's bytes landed."""
+    """An append-only data file; returns where each tensor's bytes landed.
 
-    def __init__(self, path: Path) -> None:
+    ``keep`` bytes of an interrupted export's file are reused: the export derives the same bytes
+    again, and over that prefix they are compared with the file instead of written. A difference is
+    an error, so a resumed export is byte for byte the uninterrupted one.
+    """
+
+    def __init__(self, path: Path, keep: int = 0) -> None:
         self.path = path
-        self._file: BinaryIO = path.open("wb")
+        self.keep = keep
         self.offset = 0
+        if keep:
+            self._file: BinaryIO = path.open("r+b")
+            if self._file.seek(0, os.SEEK_END) < keep:
+                self._file.close()
+                raise IntegrityError(f"{path} is shorter than its run state says: start over with --overwrite")
+            self._file.truncate(keep)
+            self._file.seek(0)
+        else:
+            self._file = path.open("wb")
 
     def begin(self, nbytes: int) -> int:
         """Pad for alignment before a tensor of ``nbytes``; return its offset."""
         if nbytes >= ALIGN_THRESHOLD and self.offset % PAGE_ALIGN:
-            pad = PAGE_ALIGN - self.offset % PAGE_ALIGN
-            self._file.write(b"\0" * pad)
-            self.offset += pad
+            self.write(b"\0" * (PAGE_ALIGN - self.offset % PAGE_ALIGN))
         return self.offset
 
     def write(self, data: bytes | memoryview) -> None:
-        self._file.write(data)
-        self.offset += len(data)
+        view = memoryview(data).cast("B")
+        if self.offset < self.keep:
+            n = min(len(view), self.keep - self.offset)
+            if self._file.read(n) != view[:n]:
+                raise IntegrityError(
+                    f"{self.path} differs from this export near byte {self.offset}: the interrupted run used "
+                    "other weights or options; start over with --overwrite"
+                )
+            self.offset += n
+            view = view[n:]
+            if self.offset == self.keep:
+                self._file.seek(self.keep)  # from reading back to appending
+        if len(view):
+            self._file.write(view)
+            self.offset += len(view)
+
+    def commit(self) -> int:
+        """Flush to disk; the bytes so far survive a crash. Returns their count."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self.offset
 
     def close(self) -> None:
         self._file.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +26,19 @@ import onnx
 from onnx import TensorProto
 from tqdm import tqdm
 
+from mixtral_quant import __version__
+from mixtral_quant.artifact import (
+    STATE,
+    prepare_output,
+    publish,
+    read_manifest,
+    remove_scraps,
+    run_errors,
+    sha256_file,
+    verify,
+    write_json,
+    write_manifest,
+)
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export.common import (
     ATTENTION_MASK,
@@ -110,7 +123,9 @@ def dense_mlp(g: GraphBuilder, ops: TargetOps, ctx: ExportContext, layer: int, h
     return ops.linear(g, act, ctx.linear(f"{p}.down_proj", m, i), "mlp")
 
 
-def build_decoder(g: GraphBuilder, ctx: ExportContext, ops: TargetOps, progress: bool) -> None:
+def build_decoder(g: GraphBuilder, ctx: ExportContext, ops: TargetOps, progress: bool,
+                  on_layer: Callable[[int], None] | None = None) -> None:
+    """The whole graph; ``on_layer(i)`` runs once layer ``i``'s weights are all in the data file."""
     cfg = ctx.cfg
     elem = TensorProto.FLOAT16 if ctx.dtype is ExportDtype.FP16 else TensorProto.FLOAT
     kv_shape: list[int | str | None] = ["batch_size", cfg.num_key_value_heads, "past_sequence_length", cfg.head_dim]
@@ -136,6 +151,8 @@ def build_decoder(g: GraphBuilder, ctx: ExportContext, ops: TargetOps, progress:
         last = i + 1 == cfg.num_hidden_layers
         next_norm = "model.norm.weight" if last else f"model.layers.{i + 1}.input_layernorm.weight"
         h, x = ops.add_rms_norm(g, y, x, ctx.vector(next_norm))
+        if on_layer is not None:
+            on_layer(i)
     g.scope = "/lm_head"
     logits = float_matmul(g, ctx, h, lm_head_weight(ctx), "lm_head")
     ctx.note("lm_head", "MatMul (float)")
@@ -168,38 +185,66 @@ def export_onnx(
     progress: bool = True,
     *,
     nf4_experts: NF4Experts = NF4Experts.INT8,
+    resume: bool = False,
 ) -> Path:
     """Export the artifact folder ``variant`` to ``out``: model.onnx, model.onnx.data, export.json
-    (source, choices, the op each component became) and the variant's tokenizer files.
+    (source, choices, the op each component became), the variant's tokenizer files and a manifest.
 
-    The folder is built beside ``out`` under a temporary name and renamed into place once the
-    checker has passed; an existing ``out`` is refused unless ``overwrite``.
+    The folder is built in ``<out>.partial`` and renamed into place once the checker has passed; an
+    existing ``out`` is refused unless ``overwrite``. After each layer the data file is synced and
+    ``state.json`` records its length: ``resume`` continues an interrupted export from there (the
+    graph is derived again; the bytes already written are checked, not rewritten).
     """
     variant, out = Path(variant), Path(out)
-    if out.exists() and not overwrite:
-        raise MixtralQuantError(f"{out} already exists: choose another output folder or overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    try:
-        with open_variant(variant) as (cfg, quant, reader), closing(ExternalData(tmp / DATA_FILE)) as data:
-            ctx = ExportContext(cfg, quant, reader, dtype, nf4_experts)
+    with run_errors(out), open_variant(variant) as (cfg, quant, reader):  # a broken source fails here
+        identity = {
+            "source": source_identity(variant),
+            "target": target.value,
+            "dtype": dtype.value,
+            "nf4_experts": nf4_experts.value,
+            "tool_version": __version__,
+        }
+        work = prepare_output(out, overwrite, resume, variant)
+        keep = 0
+        if resume and (work / STATE).is_file():
+            state = json.loads((work / STATE).read_text())
+            if state.get("identity") != identity:
+                raise MixtralQuantError(f"{work} was started from another variant or with other options: "
+                                        "start over with --overwrite")
+            keep = int(state["data_bytes"])
+        ctx = ExportContext(cfg, quant, reader, dtype, nf4_experts)
+        with closing(ExternalData(work / DATA_FILE, keep)) as data:
             g = GraphBuilder(data, name=f"{cfg.model_type}_decoder")
-            build_decoder(g, ctx, make_ops(target, ctx), progress)
-        save_model(
-            g.model(doc=f"{cfg.model_type} decoder exported by mixtral-quant from {variant.name}"), tmp / MODEL_FILE
-        )
-        onnx.checker.check_model(str(tmp / MODEL_FILE))
-        info = export_info(ctx, variant, target)
-        (tmp / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+            def commit(i: int) -> None:
+                if data.offset > keep:  # layers inside the reused prefix change nothing
+                    state = {"identity": identity, "layers_done": i + 1, "data_bytes": data.commit()}
+                    write_json(work / STATE, state)
+
+            build_decoder(g, ctx, make_ops(target, ctx), progress, commit)
+            data.commit()
+        model_path = work / MODEL_FILE
+        save_model(g.model(doc=f"{cfg.model_type} decoder exported by mixtral-quant from {variant.name}"), model_path)
+        onnx.checker.check_model(str(model_path))
+        (work / EXPORT_INFO).write_text(json.dumps(export_info(ctx, variant, target), indent=2) + "\n")
         for name in TOKENIZER_FILES:
             if (variant / name).is_file():
-                shutil.copyfile(variant / name, tmp / name)
-        write_genai_files(cfg, tmp, target)
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+                shutil.copyfile(variant / name, work / name)
+        write_genai_files(cfg, work, target)
+        (work / STATE).unlink(missing_ok=True)
+        remove_scraps(work)
+        write_manifest(work, {"export": {k: v for k, v in identity.items() if k != "source"},
+                              "source_files": identity["source"], "source_model": variant.name})
+        return publish(work, out)
+
+
+def source_identity(variant: Path) -> dict[str, str]:
+    """The variant's file hashes: from its manifest when it has one (checked), else computed."""
+    manifest = read_manifest(variant)
+    if manifest is not None:
+        verify(variant)
+        return dict(manifest["files"])
+    return {p.name: sha256_file(p) for p in sorted(variant.iterdir()) if p.is_file()}
 
 
 def export_info(ctx: ExportContext, variant: Path, target: Target) -> dict[str, object]:
@@ -223,15 +268,3 @@ def export_info(ctx: ExportContext, variant: Path, target: Target) -> dict[str, 
         "num_key_value_heads": cfg.num_key_value_heads,
         "head_dim": cfg.head_dim,
     }
-
-
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    if not out.exists():
-        tmp.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f"{out.name}.old-", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
