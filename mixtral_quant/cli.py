@@ -228,6 +228,12 @@ def main() -> None:
             raise
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
+    except OSError as e:  # a path the system refuses: one line, as for the project's own errors
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        click.echo(f"error: {e.strerror or e}{where}", err=True)
+        sys.exit(1)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

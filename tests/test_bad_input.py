@@ -222,10 +222,34 @@ def generate_damaged(c: Case) -> tuple[list[str | Path], list[str]]:
     return ["generate", c.model, "-p", "hello", "-n", "2", "--device", "cpu"], ["model.norm.weight", "NaN"]
 
 
+def _blocker(c: Case) -> Path:
+    """A plain file where an output folder's parent should be."""
+    blocker = c.tmp / "blocker"
+    blocker.write_text("a file, not a folder")
+    return blocker
+
+
+def out_under_a_file(c: Case) -> tuple[list[str | Path], list[str]]:
+    return ["quantize", c.model, "-r", c.recipe, "-o", _blocker(c) / "out", "-q"], ["Not a directory", "blocker"]
+
+
+def export_out_under_a_file(c: Case) -> tuple[list[str | Path], list[str]]:
+    return ["export", "onnx", c.model, "-o", _blocker(c) / "onnx", "-q"], ["Not a directory", "blocker"]
+
+
+def report_under_a_file(c: Case) -> tuple[list[str | Path], list[str]]:
+    variant = c.tmp / "variant"
+    shutil.copytree(c.model, variant)
+    corpus = c.tmp / "in" / "corpus.txt"
+    return (["eval", variant, "--baseline", c.model, "-d", corpus, "--ctx", "64", "--device", "cpu",
+             "--report", _blocker(c) / "report"], ["Not a directory", "blocker"])
+
+
 CASES = [
     missing_dir, not_mixtral, truncated, corrupted_header, missing_shard, wrong_shape, wrong_dtype, nan_weight,
     inf_weight, unknown_recipe_key, five_bits, five_bits_flag, group_not_dividing, shipped_group_128, short_corpus,
     zero_samples_flag, vocab_mismatch, out_is_source, out_holds_source, disk_full, prompt_too_long, generate_damaged,
+    out_under_a_file, export_out_under_a_file, report_under_a_file,
 ]
 
 

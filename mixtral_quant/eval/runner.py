@@ -262,6 +262,8 @@ def evaluate(
     bounds = load_bounds(Path(check)) if check is not None else None
     if bounds is not None:
         check_names(bounds, names)  # fail before hours of evaluation, not after
+    if report_dir is not None:
+        Path(report_dir).mkdir(parents=True, exist_ok=True)  # likewise for a folder that cannot be made
     data = load_dataset(dataset, tokenizer_for(baseline))
     windows = plan_windows(len(data.tokens), ctx, stride)
     folders = [baseline, *variants]

@@ -261,3 +261,52 @@ class GraphBuilder:
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """Write the graph proto; its external tensors already sit in their data file."""
     path.write_bytes(model.SerializeToString())
+
+
+def check_external_data(model_path: Path) -> None:
+    """Refuse a model whose external-data references leave its folder or run past their file.
+
+    Read before onnxruntime opens the model: a location is a path taken from the file, so
+    ``../../secret`` or ``/etc/passwd`` would otherwise be read as weights.
+    """
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # protobuf raises its own DecodeError; anything unreadable is a damaged file
+        raise IntegrityError(f"{model_path} is not a readable ONNX model ({type(e).__name__})") from None
+    root = model_path.parent.resolve()
+    sizes: dict[Path, int] = {}
+    for t in _all_tensors(model.graph):
+        if t.data_location != TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        target = (root / location).resolve()
+        if not location or Path(location).is_absolute() or root not in target.parents:
+            raise IntegrityError(f"{model_path.name}: tensor {t.name!r} points outside its folder ({location!r})")
+        if target not in sizes:
+            if not target.is_file():
+                raise IntegrityError(f"{model_path.name}: tensor {t.name!r} needs {location}, which is missing")
+            sizes[target] = target.stat().st_size
+        try:
+            offset, length = int(info.get("offset", "0")), int(info.get("length", "-1"))
+        except ValueError:
+            raise IntegrityError(f"{model_path.name}: tensor {t.name!r} has a bad offset or length") from None
+        if offset < 0 or length < 0 or offset + length > sizes[target]:
+            raise IntegrityError(
+                f"{model_path.name}: tensor {t.name!r} reads bytes {offset}..{offset + length} of {location}, "
+                f"which has {sizes[target]}"
+            )
+
+
+def _all_tensors(graph: onnx.GraphProto) -> Iterable[TensorProto]:
+    """Initializers and tensor attributes of a graph and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _all_tensors(sub)

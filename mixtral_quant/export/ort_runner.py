@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from mixtral_quant.artifact import MANIFEST, verify
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export.common import (
     ATTENTION_MASK,
@@ -28,6 +29,7 @@ from mixtral_quant.export.common import (
     PAST_KEY,
     PAST_VALUE,
 )
+from mixtral_quant.export.graph import check_external_data
 from mixtral_quant.generate import Sampling, sample_next
 
 Past = dict[str, np.ndarray]
@@ -45,11 +47,18 @@ class OnnxDecoder:
         path = Path(folder) / MODEL_FILE
         if not path.is_file():
             raise MixtralQuantError(f"no {MODEL_FILE} in {folder}: export it first (mixtral-quant export onnx)")
+        if (path.parent / MANIFEST).is_file():
+            verify(path.parent)  # a modified file is refused by name
+        check_external_data(path)
         options = ort.SessionOptions()
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as e:  # onnxruntime's own exception types; the first line says what is wrong
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise MixtralQuantError(f"onnxruntime cannot load {path}: {first}") from None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.num_layers = sum(1 for name in inputs if name.startswith("past_key_values.") and name.endswith(".key"))
         first = inputs[PAST_KEY % 0]
