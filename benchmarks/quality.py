@@ -3,7 +3,9 @@
 Our variants go through ``evaluate()`` (perplexity, KL and router agreement against the 16-bit
 model, bits per parameter). transformers + bitsandbytes models (as users load them today) run
 over the same token windows here, their perplexity from their own logits and their KL / router
-agreement against our baseline's outputs with the project's ``compare``.
+agreement against our baseline's outputs with the project's ``compare``. GPTQModel quantizes the
+whole model itself with our recipe's settings and calibration sequences (benchmarks/peer_gptqmodel.py);
+its folder, renamed to Hub names, is measured on the same windows.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.peer_gptqmodel import build_peer, measure_peer, rtn_fallbacks
 from benchmarks.table import Row, Status
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 from mixtral_quant.demo import head_of
@@ -92,6 +95,19 @@ def hf_bnb(kind: str, tokens: torch.Tensor, windows: list, base_ppl: float) -> t
     return _peer_figures(ppl, base_ppl, c, bits), f"bitsandbytes modules: {', '.join(quantized) or 'none'}"
 
 
+def gptqmodel_peer(work: Path, samples: int, tokens: torch.Tensor, windows: list, base_ppl: float
+                   ) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """GPTQModel's own GPTQ of the tiny model (recipe gptq-w4g128-noact's settings and calibration tokens),
+    read back by our loader and measured on the same windows (benchmarks/peer_gptqmodel.py)."""
+    folder = build_peer(work, samples)
+    ppl, c, bits = measure_peer(folder, DEFAULT_MODEL, tokens, windows)
+    rtn, modules = rtn_fallbacks(folder)
+    return _peer_figures(ppl, base_ppl, c, bits), (
+        f"GPTQModel quantize(), bits 4 group 128 sym, desc_act and act_group_aware off, damp 0.01, our {samples} "
+        f"calibration sequences; {rtn} of {modules} modules took its RTN fallback (experts under 0.5% of tokens)"
+    )
+
+
 def run(work: Path, quick: bool, say: Any) -> list[Row]:
     samples = 8 if quick else 32
     eval_tokens = 8192 if quick else 65536  # wiki-test has 248,850; all of it takes too long for 30 min
@@ -143,15 +159,15 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
          "bits/param": report.baseline.memory.bits_per_parameter["total"]})  # fmt: skip
     row("gptq-w4g128 (act-order)", "rtn-w4g128", v["gptq-w4g128"], v["rtn-w4g128"])
     row("gptq-w4g128-noact", "rtn-w4g128", v["gptq-w4g128-noact"], v["rtn-w4g128"])
-    row(
-        "gptq-w4g128-noact",
-        "GPTQModel 7.7 GPTQ (same settings)",
-        v["gptq-w4g128-noact"],
-        {},
-        Status.NOT_MEASURED,
-        "GPTQModel imports here, but its whole-model Mixtral quantization (defuser names) is not wired into this "
-        f"benchmark yet; its GPTQ is compared per matrix in the speed section. Install: {GPTQMODEL_INSTALL}",
-    )
+    say(f"quality: GPTQModel GPTQ w4g128 noact ({time.time() - t0:.0f}s)")
+    try:
+        peers["gptqmodel"] = gptqmodel_peer(work, samples, data.tokens, windows, base_ppl)
+    except ImportError as e:
+        peers["gptqmodel"] = f"skipped: {e}; {GPTQMODEL_INSTALL}"
+    except Exception as e:  # reported in its row, like the bitsandbytes peers
+        peers["gptqmodel"] = f"peer failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    peer_row("gptq-w4g128-noact", "gptq-w4g128-noact", "gptqmodel",
+             "GPTQModel 7.7 GPTQ (same settings)")  # fmt: skip
     peer_row("int8 (LLM.int8)", "int8", "int8", "transformers 5 + bitsandbytes LLM.int8 (load_in_8bit)")
     peer_row("w8 (weight-only int8)", "w8", "int8", "transformers 5 + bitsandbytes LLM.int8 (load_in_8bit)")
     say(f"quality: done ({time.time() - t0:.0f}s)")

@@ -17,6 +17,7 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,6 +73,26 @@ def tokens_per_expert(model: MixtralForCausalLM, test: torch.Tensor, ctx: int) -
         for i, logits in enumerate(out.router_logits):
             counts[i] += torch.bincount(logits.topk(2).indices.flatten(), minlength=counts.shape[1])
     return counts.tolist()
+
+
+def training_lines(model: Path) -> list[str]:
+    """How the model was trained, phase by phase, from training_log.json (each phase keeps the one before)."""
+    path = model / "training_log.json"
+    if not path.is_file():
+        return []
+    phases = []
+    log: dict[str, Any] | None = json.loads(path.read_text())
+    while log is not None:
+        phases.append(log)
+        log = log.get("previous")
+    lines = ["Training (`scripts/train_tiny.py`), phase by phase:", ""]
+    for k, ph in enumerate(reversed(phases), 1):
+        a = ph["args"]
+        flags = (f"--steps {ph['steps_done']} --lr {a['lr']} --warmup {a['warmup']} --seed {a['seed']} "
+                 f"--schedule {a.get('schedule', 'cosine')}" + (" --init-from PHASE1" if a.get("init_from") else ""))
+        lines.append(f"- phase {k}: `{flags}`: {ph['train_tokens_seen']:,} tokens, {ph['seconds'] / 60:.0f} min "
+                     f"on {ph['threads']} thread(s), torch {ph['torch']}")
+    return lines
 
 
 def main() -> None:
@@ -132,6 +153,7 @@ def main() -> None:
         *[f"| {k} | {trained[k]['kurtosis']:.2f} | {fresh[k]['kurtosis']:.2f} | "
           f"{trained[k]['row_max_over_std']:.2f} | {fresh[k]['row_max_over_std']:.2f} |" for k in KINDS],
     ]
+    lines += ["", *training_lines(args.model)]
     (args.model / "REPORT.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
