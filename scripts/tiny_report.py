@@ -75,6 +75,9 @@ def tokens_per_expert(model: MixtralForCausalLM, test: torch.Tensor, ctx: int) -
     return counts.tolist()
 
 
+STARVED = 0.001  # share of a layer's top-2 slots below which an expert is listed as starved
+
+
 def training_lines(model: Path) -> list[str]:
     """How the model was trained, phase by phase, from training_log.json (each phase keeps the one before)."""
     path = model / "training_log.json"
@@ -113,7 +116,11 @@ def main() -> None:
     print(f"unigram ppl {uni:.2f}", flush=True)
     rtn_ppl = {b: model_perplexity(rtn(load_model(args.model), b), test, args.ctx).ppl for b in (4, 3)}
     print(f"rtn ppl {rtn_ppl}", flush=True)
-    experts = tokens_per_expert(base, test, args.ctx)
+    full = load_dataset("wiki-test").tokens  # router statistics over the whole held-out split, not the head
+    experts = tokens_per_expert(base, full, args.ctx)
+    slots = sum(experts[0])
+    starved = [f"layer {i} expert {e}: {c} of {slots}" for i, row in enumerate(experts) for e, c in enumerate(row)
+               if c < STARVED * slots]
     trained, fresh = weight_stats(base), weight_stats(new_model(base.cfg, seed=0))
     report = {
         "wiki_test_ppl": ppl,
@@ -123,6 +130,8 @@ def main() -> None:
         "rtn_g128_rise_percent": {str(b): 100 * (p / ppl - 1) for b, p in rtn_ppl.items()},
         "tokens_per_expert": experts,
         "dead_experts": sum(c == 0 for row in experts for c in row),
+        "starved_experts": starved,
+        "router_tokens": len(full) - 1,
         "weights_trained": trained,
         "weights_fresh_init": fresh,
         "ctx": args.ctx,
@@ -142,9 +151,10 @@ def main() -> None:
         f"| ratio | {ppl / uni:.3f} |",
         f"| RTN g128 4-bit perplexity rise | {report['rtn_g128_rise_percent']['4']:.3f} % |",
         f"| RTN g128 3-bit perplexity rise | {report['rtn_g128_rise_percent']['3']:.3f} % |",
-        f"| dead experts | {report['dead_experts']} |",
+        f"| dead experts (no token of all {len(full) - 1:,} wiki-test tokens) | {report['dead_experts']} |",
+        f"| starved experts (under {100 * STARVED:g} % of the slots) | {'; '.join(starved) or 'none'} |",
         "",
-        "Tokens per expert per layer (top-2 slots):",
+        f"Tokens per expert per layer (top-2 slots over all of wiki-test, {slots:,} per layer):",
         "",
         *[f"- layer {i}: {row}" for i, row in enumerate(experts)],
         "",

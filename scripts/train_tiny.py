@@ -1,11 +1,11 @@
 """Train the embedded tiny Mixtral from scratch on CPU, reproducibly.
 
-    python scripts/train_tiny.py --out mixtral_quant/assets/tiny-mixtral --steps 1200
+The shipped model is two phases; the second continues from the first's folder with a fresh
+optimiser at a constant learning rate (its training log keeps the first phase's as ``previous``):
 
-A second phase continues from a saved folder with a fresh optimiser (its training log keeps the first
-phase's as ``previous``):
-
-    python scripts/train_tiny.py --init-from DIR --schedule constant --lr 1e-3 --steps 600 --seed 1
+    python scripts/train_tiny.py --out /tmp/phase1 --steps 550 --warmup 40
+    python scripts/train_tiny.py --out mixtral_quant/assets/tiny-mixtral --init-from /tmp/phase1 \
+        --schedule constant --lr 1.5e-3 --warmup 20 --steps 2000 --seed 1
 
 The model is Mixtral-8x7B's architecture scaled down (config preset ``tiny``): the real 32000-token
 tokenizer, 8 experts with top-2 routing, 4 query heads per key/value head, rotary embeddings and a
