@@ -103,17 +103,29 @@ class CheckpointReader:
             _check_header(f)
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
-        for f in self.files:
-            try:
-                self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
-            except Exception as e:  # safetensors raises its own error types for bad files
-                raise CheckpointError(f"{f} cannot be read as safetensors: {e}") from None
+        self._open()
         if not self.where:
             self.where = {n: single for n in self._handles[single].keys()}  # noqa: SIM118
         else:
             for name, f in self.where.items():
                 if name not in self._handles[f].keys():  # noqa: SIM118
                     raise CheckpointError(f"{INDEX_FILE} places {name!r} in {f.name!r}, which does not hold it")
+
+    def _open(self) -> None:
+        for f in self.files:
+            try:
+                self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
+            except Exception as e:  # safetensors raises its own error types for bad files
+                raise CheckpointError(f"{f} cannot be read as safetensors: {e}") from None
+
+    def release(self) -> None:
+        """Unmap the files and map them again. Every page a ``get`` touched stays in the process's
+        resident set while its file is mapped; a layer-by-layer job calls this after each layer, so
+        its resident memory follows one layer rather than growing to the whole checkpoint."""
+        self._stack.close()
+        self._stack = ExitStack()
+        self._handles = {}
+        self._open()
 
     def __enter__(self) -> CheckpointReader:
         return self

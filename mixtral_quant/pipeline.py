@@ -93,6 +93,7 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     tok = Tokenizer(src if (src / "tokenizer.model").is_file() else resolve_model(None))
     reader = CheckpointReader(src)
     check_checkpoint(reader, cfg)  # every tensor there, shaped, float and finite, before anything is written
+    reader.release()
     t_start = time.time()
     source_hashes = {f.name: sha256_file(f) for f in reader.files}
     tokens = calibration_tokens(recipe, tok) if recipe.needs_calibration else calibration_tokens_light(recipe, tok)
@@ -130,6 +131,8 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         kept = {n: reader.get(n) for n in reader.names
                 if n.startswith(prefix) and n[len(prefix):].rsplit(".", 1)[0] not in replaced}
         save_atomic({**kept, **quantized}, work / shard_name(i + 2, n_shards))
+        del kept
+        reader.release()  # the layer's pages leave the resident set
         save_atomic({"h": h.contiguous()}, work / f"activations-{i + 1}.safetensors")
         state["layers_done"] = i + 1
         state["reports"].append(asdict(lq.report))

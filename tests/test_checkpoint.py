@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 import transformers
 from conftest import SMALL_MISTRAL, SMALL_MIXTRAL, save_model
+from safetensors.torch import save_file
 
 from mixtral_quant.checkpoint import INDEX_FILE, CheckpointReader
 from mixtral_quant.config import PRESETS, MixtralConfig
@@ -56,3 +58,27 @@ def test_config_round_trip_and_presets(tmp_path):
     assert PRESETS["mistral-7b"].moe is None and PRESETS["mistral-7b"].sliding_window == 4096
     mixtral = PRESETS["mixtral-8x7b"]
     assert (mixtral.hidden_size, mixtral.intermediate_size, mixtral.num_experts) == (4096, 14336, 8)
+
+
+def _rss_file_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile line in /proc/self/status")
+
+
+def test_release_drops_the_mapped_pages(tmp_path):
+    """Pages a get() touched stay resident while the file is mapped; release() hands them back."""
+    tensors = {f"t{i}": torch.randn(2 << 20) for i in range(8)}  # 64 MiB
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    size_kib = (tmp_path / "model.safetensors").stat().st_size // 1024
+    with CheckpointReader(tmp_path) as reader:
+        before = _rss_file_kib()
+        for name in reader.names:
+            assert torch.equal(reader.get(name), tensors[name])
+        mapped = _rss_file_kib()
+        reader.release()
+        released = _rss_file_kib()
+        assert torch.equal(reader.get("t3"), tensors["t3"])  # still readable after release
+    assert mapped - before > 0.9 * size_kib
+    assert released - before < 0.1 * size_kib
