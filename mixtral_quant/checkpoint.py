@@ -1,9 +1,11 @@
-"""Hugging Face safetensors checkpoints: memory-mapped reads one tensor (or one layer) at a time,
-sharded atomic writes, and strict loading into the reference model.
+"""Hugging Face safetensors checkpoints: reads one tensor (or one layer) at a time, sharded atomic
+writes, and strict loading into the reference model.
 
-Reading never loads a whole file: ``safe_open`` maps it and each ``get`` copies one tensor, so a
-93 GB Mixtral-8x7B is read layer by layer. Loading is strict (nanoGPT's ``from_pretrained``): a
-missing, unexpected or mis-shaped tensor is an error that names it, never a random weight.
+Reading never loads a whole file: each ``get`` reads one tensor's bytes at its offset straight into
+a new tensor, so a 93 GB Mixtral-8x7B is read layer by layer and a process holds only the tensors
+it keeps (the file's pages stay in the page cache, never in the resident set as a mapping's would).
+Loading is strict (nanoGPT's ``from_pretrained``): a missing, unexpected or mis-shaped tensor is
+an error that names it, never a random weight.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def _safe_child(folder: Path, name: str) -> Path:
     return folder / name
 
 
-def _check_header(path: Path) -> None:
-    """Reject a truncated or corrupted safetensors file with a message naming it."""
+def _check_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The data offset and header of a safetensors file; a truncated or corrupted one is an error naming it."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -73,10 +75,16 @@ def _check_header(path: Path) -> None:
         end = max(end, offsets[1])
     if 8 + n + end > size:
         raise CheckpointError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
+    return 8 + n, header
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool}  # fmt: skip
 
 
 class CheckpointReader:
-    """Tensors of a checkpoint folder by name, memory-mapped; use as a context manager or call close()."""
+    """Tensors of a checkpoint folder by name, read one at a time; use as a context manager or call close()."""
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = resolve_model(folder)
@@ -100,7 +108,7 @@ class CheckpointReader:
         for f in self.files:
             if not f.is_file():
                 raise CheckpointError(f"shard {f.name!r} named in {INDEX_FILE} is missing from {self.folder}")
-            _check_header(f)
+        self._layout = {f: _check_header(f) for f in self.files}
         self._stack = ExitStack()
         self._handles: dict[Path, Any] = {}
         self._open()
@@ -117,15 +125,6 @@ class CheckpointReader:
                 self._handles[f] = self._stack.enter_context(safe_open(str(f), framework="pt"))
             except Exception as e:  # safetensors raises its own error types for bad files
                 raise CheckpointError(f"{f} cannot be read as safetensors: {e}") from None
-
-    def release(self) -> None:
-        """Unmap the files and map them again. Every page a ``get`` touched stays in the process's
-        resident set while its file is mapped; a layer-by-layer job calls this after each layer, so
-        its resident memory follows one layer rather than growing to the whole checkpoint."""
-        self._stack.close()
-        self._stack = ExitStack()
-        self._handles = {}
-        self._open()
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -161,18 +160,45 @@ class CheckpointReader:
     def get(self, name: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
         if name not in self.where:
             raise CheckpointError(f"tensor {name} is missing from {self.folder}")
-        try:
-            t = self._handles[self.where[name]].get_tensor(name)
-        except Exception as e:
-            raise CheckpointError(f"tensor {name} in {self.where[name].name} cannot be read: {e}") from None
+        t = self._read(name)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
+
+    def _read(self, name: str) -> torch.Tensor:
+        """The tensor's bytes, read at its offset into a new tensor (no mapping stays behind)."""
+        path = self.where[name]
+        start, header = self._layout[path]
+        info = header.get(name)
+        dtype = _TORCH_DTYPES.get(str(info.get("dtype"))) if isinstance(info, dict) else None
+        if dtype is None or not isinstance(info, dict):  # no plain byte layout here: safetensors decodes it
+            try:
+                return self._handles[path].get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"tensor {name} in {path.name} cannot be read: {e}") from None
+        lo, hi = info["data_offsets"]
+        shape = [int(d) for d in info.get("shape", [])]
+        buf = bytearray(hi - lo)
+        with path.open("rb") as f:
+            f.seek(start + lo)
+            got = f.readinto(buf)
+        if got != hi - lo or hi - lo != _numel(shape) * torch.tensor([], dtype=dtype).element_size():
+            raise CheckpointError(f"tensor {name} in {path.name} cannot be read: {hi - lo} bytes for shape {shape}")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def layer_state(self, i: int, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Tensors of decoder layer i, named relative to ``model.layers.{i}.``."""
         prefix = f"model.layers.{i}."
         return {n[len(prefix) :]: self.get(n, dtype) for n in self.names if n.startswith(prefix)}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -93,7 +93,6 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     tok = Tokenizer(src if (src / "tokenizer.model").is_file() else resolve_model(None))
     reader = CheckpointReader(src)
     check_checkpoint(reader, cfg)  # every tensor there, shaped, float and finite, before anything is written
-    reader.release()
     t_start = time.time()
     source_hashes = {f.name: sha256_file(f) for f in reader.files}
     tokens = calibration_tokens(recipe, tok) if recipe.needs_calibration else calibration_tokens_light(recipe, tok)
@@ -116,13 +115,14 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     if done == 0:
         head = {n: reader.get(n) for n in reader.names if not n.startswith("model.layers.")}
         save_atomic(head, work / shard_name(1, n_shards))
+        del head
         h = torch.nn.functional.embedding(tokens, reader.get("model.embed_tokens.weight", torch.float32))
     elif done < cfg.num_hidden_layers:  # a run stopped while finishing has no activations left, nor needs them
         h = load_file(str(work / f"activations-{done}.safetensors"))["h"]
     bar = tqdm(range(done, cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
                initial=done, total=cfg.num_hidden_layers, disable=not progress)
     for i in bar:
-        layer = load_layer(reader, cfg, i, torch.float32, device)
+        layer = load_layer(reader, cfg, i, torch.float32, device, keep_linears_stored=True)
         lq = LayerQuantizer(layer, cfg, recipe, device, chunk)
         h = lq.run(h)
         prefix = f"model.layers.{i}."
@@ -132,7 +132,6 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
                 if n.startswith(prefix) and n[len(prefix):].rsplit(".", 1)[0] not in replaced}
         save_atomic({**kept, **quantized}, work / shard_name(i + 2, n_shards))
         del kept
-        reader.release()  # the layer's pages leave the resident set
         save_atomic({"h": h.contiguous()}, work / f"activations-{i + 1}.safetensors")
         state["layers_done"] = i + 1
         state["reports"].append(asdict(lq.report))

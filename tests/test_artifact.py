@@ -117,10 +117,10 @@ from mixtral_quant.cli import main
 load_layer = pipeline.load_layer
 
 
-def late_load_layer(reader, cfg, i, *args):
+def late_load_layer(reader, cfg, i, *args, **kwargs):
     if i > 0:
         time.sleep(2)
-    return load_layer(reader, cfg, i, *args)
+    return load_layer(reader, cfg, i, *args, **kwargs)
 
 
 pipeline.load_layer = late_load_layer

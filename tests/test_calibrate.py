@@ -116,3 +116,35 @@ def test_dense_mistral_goes_through_the_same_pipeline(tmp_path):
         ref, out = load_model(src)(ids).logits, load_model(art)(ids).logits
     # random weights at 4 bits: the logit error is about a fifth of the logits' spread (RTN's is the same)
     assert 0 < (out - ref).std() < 0.3 * ref.std()
+
+
+def test_layer_kept_in_its_stored_dtype_quantizes_to_the_same_bytes():
+    """quantize keeps a bf16 layer's linears in bf16 (half the resident bytes of a float32 copy);
+    widening is exact, so the layer's output and GPTQ's tensors equal those of the float32 layer."""
+    from mixtral_quant.calibrate import LayerQuantizer
+    from mixtral_quant.checkpoint import load_config
+    from mixtral_quant.loading import StoredLinear, load_layer
+
+    cfg = load_config(DEFAULT_MODEL)
+    recipe = load_recipe("gptq-w4g128", samples=4, seq_len=64)
+    with CheckpointReader(DEFAULT_MODEL) as reader:
+        wide = load_layer(reader, cfg, 1)
+        narrow = load_layer(reader, cfg, 1, keep_linears_stored=True)
+        assert reader.dtype("model.layers.1.block_sparse_moe.experts.0.w2.weight") == "BF16"
+    stored = [m for m in narrow.modules() if isinstance(m, StoredLinear)]
+    assert cfg.moe is not None
+    assert len(stored) == 4 + 1 + 3 * cfg.moe.num_local_experts  # attention, router, experts
+    assert all(m.weight.dtype == torch.bfloat16 for m in stored)
+    assert narrow.input_layernorm.weight.dtype == torch.float32
+    wide_bytes = sum(p.numel() * p.element_size() for p in wide.parameters())
+    narrow_bytes = sum(p.numel() * p.element_size() for p in narrow.parameters())
+    assert narrow_bytes < 0.51 * wide_bytes
+    h = torch.randn(4, 64, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    ctx = attention_context(cfg, 4, 64, None, 0, torch.float32, torch.device("cpu"))
+    assert torch.equal(wide(h, ctx)[0], narrow(h, ctx)[0])
+    cpu = torch.device("cpu")
+    qa, qb = LayerQuantizer(wide, cfg, recipe, cpu), LayerQuantizer(narrow, cfg, recipe, cpu)
+    out_a, out_b = qa.run(h), qb.run(h)
+    assert torch.equal(out_a, out_b)
+    assert qa.tensors.keys() == qb.tensors.keys()
+    assert all(torch.equal(qa.tensors[k], qb.tensors[k]) for k in qa.tensors)

@@ -137,9 +137,7 @@ class CheckpointLayers:
     def layer(self, index: int, device: torch.device) -> nn.Module:
         with torch.device("meta"):
             layer = DecoderLayer(self.cfg, index)
-        filled = self._fill(layer, f"model.layers.{index}", device)
-        self.reader.release()  # resident memory follows the live layer, not every layer read so far
-        return filled
+        return self._fill(layer, f"model.layers.{index}", device)
 
     def head(self, device: torch.device) -> nn.Module:
         with torch.device("meta"):

@@ -100,12 +100,41 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
 
 
+def trivial_group_size(g_idx: torch.Tensor, groups: int) -> int | None:
+    """The group size when ``g_idx`` is ``i // size`` (no act-order, or act-order with static groups)."""
+    n_in = g_idx.shape[0]
+    if n_in % groups:
+        return None
+    size = n_in // groups
+    trivial = torch.arange(n_in, device=g_idx.device, dtype=torch.int64) // size
+    return size if torch.equal(g_idx.to(torch.int64), trivial) else None
+
+
+def grouped_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
+                       ) -> torch.Tensor:
+    """float32 ``scales[g] * (codes - zeros[g])`` with ``g = g_idx[i]``: codes ``[I, O]``, grid ``[G, O]``.
+
+    With a trivial ``g_idx`` the grid is broadcast over each group's rows instead of gathered per
+    row: the same values for a fraction of the memory traffic."""
+    n_in, n_out = codes.shape
+    s, z, q = scales.to(torch.float32), zeros.to(torch.float32), codes.to(torch.float32)
+    size = trivial_group_size(g_idx, s.shape[0])
+    if size is not None:
+        return (s[:, None, :] * (q.view(-1, size, n_out) - z[:, None, :])).view(n_in, n_out)
+    idx = g_idx.long()
+    return s[idx] * (q - z[idx])
+
+
 def dequantize_gptq(qint: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """float32 ``[O, I]`` weight from codes ``[O, I]``, scales/zeros ``[G, O]`` and ``g_idx [I]``."""
+    n_out, n_in = qint.shape
+    s, z, q = scales.to(torch.float32), zeros.to(torch.float32), qint.to(torch.float32)
+    size = trivial_group_size(g_idx, s.shape[0])
+    if size is not None and q.is_contiguous():
+        st, zt = s.t().contiguous()[:, :, None], z.t().contiguous()[:, :, None]
+        return (st * (q.view(n_out, -1, size) - zt)).view(n_out, n_in)
     idx = g_idx.long()
-    s = scales.to(torch.float32)[idx].t()  # [O, I]
-    z = zeros.to(torch.float32)[idx].t()
-    return s * (qint.to(torch.float32) - z)
+    return s[idx].t() * (q - z[idx].t())
 
 
 def _mse(weight: torch.Tensor, qw: QuantizedWeight) -> float:

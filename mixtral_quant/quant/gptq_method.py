@@ -22,6 +22,7 @@ from mixtral_quant.quant.gptq import (
     HessianNotPositiveDefinite,
     QuantizedWeight,
     gptq_quantize,
+    grouped_dequantize,
     rtn_quantize,
 )
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
@@ -42,11 +43,9 @@ def to_checkpoint(qw: QuantizedWeight, bits: int) -> dict[str, torch.Tensor]:
 
 def dequantize_checkpoint(tensors: Mapping[str, torch.Tensor], bits: int) -> torch.Tensor:
     """float32 ``[O, I]`` from the gptq v1 tensors."""
-    q = unpack_qweight(tensors["qweight"], bits).to(torch.float32)  # [I, O]
+    q = unpack_qweight(tensors["qweight"], bits)  # [I, O]
     zeros = unpack_qzeros(tensors["qzeros"], bits).to(torch.float32) + 1.0  # [G, O]
-    idx = tensors["g_idx"].long()
-    scales = tensors["scales"].to(torch.float32)
-    return (scales[idx] * (q - zeros[idx])).t()
+    return grouped_dequantize(q, tensors["scales"], zeros, tensors["g_idx"]).t()
 
 
 class GPTQLayout:

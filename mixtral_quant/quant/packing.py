@@ -78,6 +78,9 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if n % layout.codes_per_run:
         raise ConfigError(f"cannot pack {n} rows of {bits}-bit codes: need a multiple of {layout.codes_per_run}")
     runs = codes.reshape(n // layout.codes_per_run, layout.codes_per_run, m)
+    if layout.words_per_run == 1:  # 2, 4, 8 bits: whole codes per word, one shift-and-sum
+        shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int64, device=codes.device)[None, :, None]
+        return _to_int32(((runs.to(torch.int64) & layout.mask) << shifts).sum(1))
     out = torch.empty(runs.shape[0], layout.words_per_run, m, dtype=torch.int32, device=codes.device)
     for w, terms in enumerate(layout.terms):
         word = torch.zeros(runs.shape[0], m, dtype=torch.int64, device=codes.device)
@@ -94,6 +97,9 @@ def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     r, m = words.shape
     if r % layout.words_per_run:
         raise ConfigError(f"cannot unpack {r} rows of {bits}-bit words: need a multiple of {layout.words_per_run}")
+    if layout.words_per_run == 1:  # whole codes per word: int32 shifts, the sign bits masked off
+        shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=words.device)[None, :, None]
+        return ((words.to(torch.int32)[:, None, :] >> shifts) & layout.mask).reshape(-1, m)
     runs = words.reshape(r // layout.words_per_run, layout.words_per_run, m).to(torch.int64)
     runs = runs & _WORD_MASK
     out = torch.zeros(runs.shape[0], layout.codes_per_run, m, dtype=torch.int64, device=words.device)
