@@ -63,12 +63,22 @@ class LayerReport:
     seconds: float = 0.0
 
 
+HESSIAN_BUDGET = 4 << 30  # bytes of expert Hessians captured in one pass (Mixtral-8x7B's w2: 822 MB each)
+
+
 class LayerQuantizer:
-    """Quantizes one decoder layer in place, module group by module group."""
+    """Quantizes one decoder layer in place, module group by module group.
+
+    Expert Hessians are captured a group of experts per pass over the activations, as many as fit
+    in ``hessian_budget`` bytes, and freed once their experts are quantized: at Mixtral-8x7B's
+    shapes the eight w2 Hessians (14336 x 14336 float32) would otherwise take 6.6 GB at once. Each
+    expert's inputs do not depend on the other experts' w2, so any grouping gives the same bytes.
+    """
 
     def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
-                 chunk: int = 8) -> None:
+                 chunk: int = 8, hessian_budget: int = HESSIAN_BUDGET) -> None:
         self.layer, self.cfg, self.recipe, self.device, self.chunk = layer, cfg, recipe, device, chunk
+        self.hessian_budget = hessian_budget
         self.method: Method = get_method(recipe.quant)
         self.fallback_method: Method = get_method(_rtn_like(recipe))
         self.tensors: dict[str, torch.Tensor] = {}
@@ -113,6 +123,7 @@ class LayerQuantizer:
             self.report.damp[name] = float(result.info["damp_percent"])
         deq = method.dequantize(result.tensors).to(w.device)
         self.report.errors[name] = relative_error(w, deq, h)
+        del deq, w
         for suffix, t in result.tensors.items():
             self.tensors[f"{name}.{suffix}"] = t.detach().cpu()
         runtime = method.make_module(result.tensors, module.in_features, module.out_features).to(self.device)
@@ -216,18 +227,32 @@ class LayerQuantizer:
             return moe(self.mlp_input(x))
 
         shared = self.hessian_of(h, self.mlp_input) if "all" in source.values() else None
-        routed_w1 = {str(e): x.w1 for e, x in enumerate(experts) if source[e] == "routed"}
-        routed = self.capture(h, routed_w1, run_moe) if routed_w1 else {}
+        routed = [e for e in range(len(experts)) if source[e] == "routed"]
+        captured: dict[str, HessianAccumulator] = {}
         for e in range(len(experts)):
-            acc = shared if source[e] == "all" else routed.get(str(e))
+            if source[e] == "routed" and str(e) not in captured:
+                group = self._group_from(routed, e, self.cfg.hidden_size)
+                captured = self.capture(h, {str(k): experts[k].w1 for k in group}, run_moe)
+            acc = shared if source[e] == "all" else captured.pop(str(e), None)
             for w in ("w1", "w3"):
                 self.quantize(f"block_sparse_moe.experts.{e}.{w}", acc, notes[e])
-        routed_w2 = {str(e): x.w2 for e, x in enumerate(experts) if source[e] == "routed"}
-        down = self.capture(h, routed_w2, run_moe) if routed_w2 else {}
+        del shared
         for e, expert in enumerate(experts):
+            if source[e] == "routed" and str(e) not in captured:
+                group = self._group_from(routed, e, self.cfg.intermediate_size)
+                captured = self.capture(h, {str(k): experts[k].w2 for k in group}, run_moe)
             if source[e] == "all":
-                down[str(e)] = self.hessian_of(h, partial(self._hidden_of, expert))
-            self.quantize(f"block_sparse_moe.experts.{e}.w2", down.get(str(e)), notes[e])
+                acc = self.hessian_of(h, partial(self._hidden_of, expert))
+            else:
+                acc = captured.pop(str(e), None)
+            self.quantize(f"block_sparse_moe.experts.{e}.w2", acc, notes[e])
+            del acc
+
+    def _group_from(self, routed: list[int], first: int, in_features: int) -> list[int]:
+        """``first`` and the routed experts after it whose Hessians fit in the budget together."""
+        per_pass = max(1, self.hessian_budget // (4 * in_features * in_features))
+        start = routed.index(first)
+        return routed[start : start + per_pass]
 
     def _hidden_of(self, expert: Expert, x: torch.Tensor) -> torch.Tensor:
         return _swiglu_hidden(expert, self.mlp_input(x))
@@ -257,10 +282,11 @@ def relative_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor | N
 
     Rounded to 6 significant digits: the last bits of a float32 sum follow the thread count, and a
     report should not change when a resumed run uses another one."""
-    d = (w - deq).float()
     if hessian is None:
-        ratio = d.pow(2).sum() / w.float().pow(2).sum().clamp(min=1e-30)
+        den = w.float().pow(2).sum().clamp(min=1e-30)
+        ratio = (w - deq).float().pow_(2).sum() / den  # one weight-sized temporary at a time
     else:
+        d = (w - deq).float()
         num = torch.einsum("oi,ij,oj->", d, hessian, d)
         ratio = num / torch.einsum("oi,ij,oj->", w.float(), hessian, w.float()).clamp(min=1e-30)
     return float(f"{ratio.item():.6g}")

@@ -119,7 +119,7 @@ def _checked(reader: CheckpointReader, name: str, shape: tuple[int, ...], folder
 def check_checkpoint(reader: CheckpointReader, cfg: MixtralConfig) -> None:
     """A 16-bit checkpoint holds every tensor the config needs, shaped, float and finite, and nothing else.
 
-    Reads each tensor once (memory-mapped, one at a time): ``quantize`` runs it before writing anything,
+    Reads each tensor once, one at a time: ``quantize`` runs it before writing anything,
     so a damaged source fails at once, naming the tensor, rather than hours into a run.
     """
     with torch.device("meta"):

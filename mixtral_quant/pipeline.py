@@ -1,14 +1,18 @@
 """``mixtral-quant quantize``: stream a checkpoint layer by layer through a recipe into an artifact.
 
 Peak memory is one decoder layer plus the calibration activations: weights are read from disk per
-layer (memory-mapped), activations stay on the CPU and move to the device a chunk at a time, and
-each layer's shard is written as soon as it is quantized. Work happens in ``<out>.partial``; a
+layer and kept in their stored dtype (linears widen per call, see ``StoredLinear``), activations
+stay on the CPU and move to the device a chunk at a time, expert Hessians are captured within a
+byte budget, and each layer's shard is written as soon as it is quantized. Work happens in ``<out>.partial``; a
 ``state.json`` there is the commit point after each layer, so ``--resume`` continues after the
 last finished layer and the result has the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import shutil
 import time
@@ -131,7 +135,7 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         kept = {n: reader.get(n) for n in reader.names
                 if n.startswith(prefix) and n[len(prefix):].rsplit(".", 1)[0] not in replaced}
         save_atomic({**kept, **quantized}, work / shard_name(i + 2, n_shards))
-        del kept
+        del kept, quantized
         save_atomic({"h": h.contiguous()}, work / f"activations-{i + 1}.safetensors")
         state["layers_done"] = i + 1
         state["reports"].append(asdict(lq.report))
@@ -139,11 +143,21 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         (work / f"activations-{i}.safetensors").unlink(missing_ok=True)
         bar.set_postfix(err=f"{_mean(lq.report.errors):.2e}", s=f"{lq.report.seconds:.1f}")
         del layer, lq
+        give_back_freed_memory()
         if stop_after is not None and i + 1 >= stop_after:
             raise MixtralQuantError(f"stopped after layer {i + 1} as asked; continue with --resume")
     reader.close()
     finish(src, work, recipe, cfg.num_hidden_layers, identity, state, time.time() - t_start)
     return publish(work, out)
+
+
+def give_back_freed_memory() -> None:
+    """Free a finished layer before the next one loads: collect reference cycles (bitsandbytes'
+    ``Params4bit`` points back at its module, so a dropped layer outlives ``del``) and return freed
+    heap pages to the OS (glibc ``malloc_trim``; medium-sized buffers otherwise stay resident)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def calibration_tokens_light(recipe: Recipe, tok: Tokenizer) -> torch.Tensor:

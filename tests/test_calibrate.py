@@ -148,3 +148,35 @@ def test_layer_kept_in_its_stored_dtype_quantizes_to_the_same_bytes():
     assert torch.equal(out_a, out_b)
     assert qa.tensors.keys() == qb.tensors.keys()
     assert all(torch.equal(qa.tensors[k], qb.tensors[k]) for k in qa.tensors)
+
+
+def test_expert_hessians_captured_in_budgeted_groups_give_the_same_bytes(monkeypatch):
+    """A Hessian budget of one expert per pass (what bounds memory at Mixtral-8x7B's shapes) changes
+    how many passes run, not one byte of the result."""
+    from mixtral_quant.calibrate import LayerQuantizer
+    from mixtral_quant.checkpoint import load_config
+    from mixtral_quant.loading import load_layer
+
+    cfg = load_config(DEFAULT_MODEL)
+    recipe = load_recipe("gptq-w4g128-noact", samples=4, seq_len=64)
+    h = torch.randn(4, 64, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for budget in (1, 1 << 40):
+        with CheckpointReader(DEFAULT_MODEL) as reader:
+            layer = load_layer(reader, cfg, 2, keep_linears_stored=True)
+        lq = LayerQuantizer(layer, cfg, recipe, torch.device("cpu"), hessian_budget=budget)
+        sizes: list[int] = []
+
+        def counted(h, modules, run, capture=lq.capture, sizes=sizes):
+            sizes.append(len(modules))
+            return capture(h, modules, run)
+
+        monkeypatch.setattr(lq, "capture", counted)
+        runs[budget] = (lq.run(h), lq.tensors, sizes, lq.report.fallbacks)
+    (out_a, t_a, sizes_a, fb_a), (out_b, t_b, sizes_b, fb_b) = runs[1], runs[1 << 40]
+    routed = 8 - sum(1 for m in fb_a if m.endswith(".w2"))
+    assert sizes_a[1:] == [1] * (2 * routed)  # o_proj, then one expert per pass for w1 and for w2
+    assert sizes_b[1:] == [routed, routed]
+    assert fb_a == fb_b
+    assert torch.equal(out_a, out_b)
+    assert t_a.keys() == t_b.keys() and all(torch.equal(t_a[k], t_b[k]) for k in t_a)

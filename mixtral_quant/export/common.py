@@ -77,7 +77,7 @@ PRESENT_VALUE = "present.%d.value"
 # Artifact reading -----------------------------------------------------------------------------------
 @contextmanager
 def open_variant(folder: Path) -> Iterator[tuple[MixtralConfig, QuantConfig | None, CheckpointReader]]:
-    """The config, the quantization (None: float) and a memory-mapped reader of an artifact folder."""
+    """The config, the quantization (None: float) and a tensor reader of an artifact folder."""
     cfg = load_config(folder)
     qc = quantization_config(folder)
     with CheckpointReader(folder) as reader:
