@@ -97,7 +97,7 @@ def group_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, tor
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``clamp(round(w / scale) + zero, 0, maxq)`` as float32 (scale/zero broadcast)."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    return (w / scale).round_().add_(zero).clamp_(0, 2**bits - 1)  # in place after the division
 
 
 def trivial_group_size(g_idx: torch.Tensor, groups: int) -> int | None:
@@ -117,29 +117,31 @@ def grouped_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     With a trivial ``g_idx`` the grid is broadcast over each group's rows instead of gathered per
     row: the same values for a fraction of the memory traffic."""
     n_in, n_out = codes.shape
-    s, z, q = scales.to(torch.float32), zeros.to(torch.float32), codes.to(torch.float32)
+    s, z = scales.to(torch.float32), zeros.to(torch.float32)
+    q = codes.to(torch.float32, copy=True)  # worked on in place: one weight-sized buffer
     size = trivial_group_size(g_idx, s.shape[0])
     if size is not None:
-        return (s[:, None, :] * (q.view(-1, size, n_out) - z[:, None, :])).view(n_in, n_out)
+        return q.view(-1, size, n_out).sub_(z[:, None, :]).mul_(s[:, None, :]).view(n_in, n_out)
     idx = g_idx.long()
-    return s[idx] * (q - z[idx])
+    return q.sub_(z[idx]).mul_(s[idx])
 
 
 def dequantize_gptq(qint: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """float32 ``[O, I]`` weight from codes ``[O, I]``, scales/zeros ``[G, O]`` and ``g_idx [I]``."""
     n_out, n_in = qint.shape
-    s, z, q = scales.to(torch.float32), zeros.to(torch.float32), qint.to(torch.float32)
+    s, z = scales.to(torch.float32), zeros.to(torch.float32)
+    q = qint.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     size = trivial_group_size(g_idx, s.shape[0])
-    if size is not None and q.is_contiguous():
+    if size is not None:
         st, zt = s.t().contiguous()[:, :, None], z.t().contiguous()[:, :, None]
-        return (st * (q.view(n_out, -1, size) - zt)).view(n_out, n_in)
+        return q.view(n_out, -1, size).sub_(zt).mul_(st).view(n_out, n_in)
     idx = g_idx.long()
-    return s[idx].t() * (q - z[idx].t())
+    return q.sub_(z[idx].t()).mul_(s[idx].t())
 
 
 def _mse(weight: torch.Tensor, qw: QuantizedWeight) -> float:
     deq = dequantize_gptq(qw.qint, qw.scales, qw.zeros, qw.g_idx)
-    return float(((weight.float() - deq) ** 2).mean())
+    return float(deq.sub_(weight.float()).pow_(2).mean())  # in place: (deq - w)^2 == (w - deq)^2 exactly
 
 
 def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:

@@ -78,9 +78,6 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if n % layout.codes_per_run:
         raise ConfigError(f"cannot pack {n} rows of {bits}-bit codes: need a multiple of {layout.codes_per_run}")
     runs = codes.reshape(n // layout.codes_per_run, layout.codes_per_run, m)
-    if layout.words_per_run == 1:  # 2, 4, 8 bits: whole codes per word, one shift-and-sum
-        shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int64, device=codes.device)[None, :, None]
-        return _to_int32(((runs.to(torch.int64) & layout.mask) << shifts).sum(1))
     out = torch.empty(runs.shape[0], layout.words_per_run, m, dtype=torch.int32, device=codes.device)
     for w, terms in enumerate(layout.terms):
         word = torch.zeros(runs.shape[0], m, dtype=torch.int64, device=codes.device)
