@@ -93,10 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         kept, old = earlier_rows(args.out, {SECTION_NAMES[s] for s in SECTIONS if s not in args.sections})
         if old is not None:
             rows = kept + rows
+            earlier = {n if n.startswith(("run of ", "rows of ")) else f"run of {old['started']}, {n}"
+                       for n in old.get("notes", [])}  # fmt: skip
             meta["notes"] = sorted(
                 set(meta["notes"])
                 | {f"rows of sections not rerun are kept from the run of {old['started']} ({old['mode']} mode)"}
-                | set(old.get("notes", []))
+                | earlier
             )
     print(plain(rows))
     for path in write(rows, meta, args.out):
