@@ -77,11 +77,16 @@ def hf_bnb(kind: str, tokens: torch.Tensor, windows: list, base_ppl: float) -> t
 
     if kind == "nf4":
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    elif kind == "nf4-every-expert":  # our nf4 recipe's settings: blocksize 64, double quantization
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
     else:
         qc = BitsAndBytesConfig(load_in_8bit=True)
     model = MixtralForCausalLM.from_pretrained(DEFAULT_MODEL, quantization_config=qc, dtype=torch.float32).eval()
     fp_params = sum(p.numel() for p in load_model(DEFAULT_MODEL).parameters())
-    bits = 8 * model.get_memory_footprint() / fp_params
+    footprint = model.get_memory_footprint()
+    if kind == "nf4-every-expert":
+        footprint += nf4_experts_by_hand(model)
+    bits = 8 * footprint / fp_params
     acc = NLLAccumulator(tokens)
     outs = []
     for o in _hf_outputs(model, tokens, windows):
@@ -93,6 +98,30 @@ def hf_bnb(kind: str, tokens: torch.Tensor, windows: list, base_ppl: float) -> t
     c = compare(forward_windows(base, tokens, windows, CPU, router_logits=True), iter(outs), top_k=top_k)
     quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__module__.startswith("bitsandbytes")})
     return _peer_figures(ppl, base_ppl, c, bits), f"bitsandbytes modules: {', '.join(quantized) or 'none'}"
+
+
+def nf4_experts_by_hand(model: Any) -> int:
+    """NF4 on every expert of a transformers 5 Mixtral, as a user would have to do it by hand: its
+    experts are fused 3-D parameters that ``load_in_4bit`` leaves alone, so each expert's w1, w3 and
+    w2 goes through ``bitsandbytes.functional.quantize_4bit`` (nf4, blocksize 64, double quantization)
+    and back. Returns the change in bytes against the fp32 experts (their stored 4-bit size minus
+    their fp32 size), for bits per parameter."""
+    import bitsandbytes.functional as bnbf
+
+    saved = 0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            experts = layer.mlp.experts
+            half = experts.gate_up_proj.shape[1] // 2
+            for e in range(experts.gate_up_proj.shape[0]):
+                for w in (experts.gate_up_proj[e, :half], experts.gate_up_proj[e, half:], experts.down_proj[e]):
+                    codes, state = bnbf.quantize_4bit(w.contiguous(), blocksize=64, compress_statistics=True,
+                                                      quant_type="nf4")  # fmt: skip
+                    w.copy_(bnbf.dequantize_4bit(codes, state).to(w.dtype))
+                    stored = codes.nbytes + sum(t.nbytes for t in state.as_dict(packed=True).values()
+                                                if isinstance(t, torch.Tensor))  # fmt: skip
+                    saved += stored - w.nbytes
+    return saved
 
 
 def gptqmodel_peer(work: Path, samples: int, tokens: torch.Tensor, windows: list, base_ppl: float
@@ -135,7 +164,7 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
         rows.append(Row(SECTION, name, peer, "ppl", "lower", ours, theirs, 1, status, note or where))
 
     peers: dict[str, tuple[dict[str, Any], str] | str] = {}
-    for kind in ("nf4", "int8"):
+    for kind in ("nf4", "nf4-every-expert", "int8"):
         say(f"quality: transformers + bitsandbytes {kind} ({time.time() - t0:.0f}s)")
         try:
             peers[kind] = hf_bnb(kind, data.tokens, windows, base_ppl)
@@ -154,6 +183,9 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
 
     peer_row("nf4 (every expert + attention)", "nf4", "nf4",
              "transformers 5 + bitsandbytes NF4 (load_in_4bit; attention only, experts stay fp32)")  # fmt: skip
+    peer_row("nf4 (every expert + attention)", "nf4", "nf4-every-expert",
+             "transformers 5 + bitsandbytes NF4 on every expert by hand (quantize_4bit on the fused experts; "
+             "attention load_in_4bit; double quant, blocksize 64)")  # fmt: skip
     row("nf4 (every expert + attention)", "fp16 (unquantized)", v["nf4"],
         {"ppl": base_ppl, "ppl/fp16": 1.0, "KL": 0.0, "router agree min": 1.0,
          "bits/param": report.baseline.memory.bits_per_parameter["total"]})  # fmt: skip
