@@ -60,13 +60,14 @@ def hub_name(name: str) -> str:
 
 
 def quantize_config(recipe: Recipe) -> Any:
-    """GPTQModel's config for the recipe: same bits / group / sym / desc_act / damping, no act-group-aware
-    reordering (GPTQModel's default for desc_act False) so columns stay in natural order like ours."""
+    """GPTQModel's config for the recipe: same bits / group / sym / desc_act / static groups / damping, no
+    act-group-aware reordering (GPTQModel's own variant of act-order, which ours does not have)."""
     from gptqmodel import QuantizeConfig
 
     q = recipe.quant
     return QuantizeConfig(bits=q.bits, group_size=q.group_size, sym=q.sym, desc_act=q.act_order,
-                          act_group_aware=False, damp_percent=q.damp_percent, offload_to_disk=False)  # fmt: skip
+                          static_groups=q.static_groups, act_group_aware=False, damp_percent=q.damp_percent,
+                          offload_to_disk=False)  # fmt: skip
 
 
 def gptqmodel_quantize(model: Path, recipe: Recipe, out: Path) -> Path:
@@ -147,7 +148,7 @@ def measure_peer(
     return acc.result(0, 0, False).ppl, c, bits
 
 
-def build_peer(work: Path, samples: int, model: Path = DEFAULT_MODEL) -> Path:
+def build_peer(work: Path, samples: int, model: Path = DEFAULT_MODEL, recipe: str = RECIPE) -> Path:
     """GPTQModel's quantization of ``model`` (child process), as a Hub-named folder our loader reads.
 
     Raises ImportError when gptqmodel is not installed, RuntimeError (with its last error line) when it fails.
@@ -156,16 +157,16 @@ def build_peer(work: Path, samples: int, model: Path = DEFAULT_MODEL) -> Path:
 
     if importlib.util.find_spec("gptqmodel") is None:
         raise ImportError("No module named 'gptqmodel'")
-    saved = work / "gptqmodel-saved"
+    saved = work / f"gptqmodel-saved-{recipe}"
     cmd = [sys.executable, "-m", "benchmarks.peer_gptqmodel", "--model", str(model), "--out", str(saved),
-           "--samples", str(samples)]  # fmt: skip
+           "--samples", str(samples), "--recipe", recipe]  # fmt: skip
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": _cpu_workers()}
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root, env=env)
     if done.returncode:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
         raise RuntimeError(f"GPTQModel quantization exited {done.returncode}: {lines[-1] if lines else '?'}")
-    return to_hub_folder(saved, model, work / "gptqmodel-w4g128-noact")
+    return to_hub_folder(saved, model, work / f"gptqmodel-{recipe}")
 
 
 def main(argv: list[str] | None = None) -> int:

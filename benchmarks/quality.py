@@ -124,16 +124,18 @@ def nf4_experts_by_hand(model: Any) -> int:
     return saved
 
 
-def gptqmodel_peer(work: Path, samples: int, tokens: torch.Tensor, windows: list, base_ppl: float
+def gptqmodel_peer(work: Path, samples: int, tokens: torch.Tensor, windows: list, base_ppl: float, recipe: str
                    ) -> tuple[dict[str, Any], str]:  # fmt: skip
-    """GPTQModel's own GPTQ of the tiny model (recipe gptq-w4g128-noact's settings and calibration tokens),
-    read back by our loader and measured on the same windows (benchmarks/peer_gptqmodel.py)."""
-    folder = build_peer(work, samples)
+    """GPTQModel's own GPTQ of the tiny model (the recipe's settings and calibration tokens), read back by
+    our loader and measured on the same windows (benchmarks/peer_gptqmodel.py)."""
+    folder = build_peer(work, samples, recipe=recipe)
     ppl, c, bits = measure_peer(folder, DEFAULT_MODEL, tokens, windows)
     rtn, modules = rtn_fallbacks(folder)
+    q = load_recipe(recipe).quant
     return _peer_figures(ppl, base_ppl, c, bits), (
-        f"GPTQModel quantize(), bits 4 group 128 sym, desc_act and act_group_aware off, damp 0.01, our {samples} "
-        f"calibration sequences; {rtn} of {modules} modules took its RTN fallback (experts under 0.5% of tokens)"
+        f"GPTQModel quantize(), bits {q.bits} group {q.group_size} sym {q.sym}, desc_act {q.act_order}, static "
+        f"groups {q.static_groups}, act_group_aware off, damp {q.damp_percent}, our {samples} calibration "
+        f"sequences; {rtn} of {modules} modules took its RTN fallback (experts under 0.5% of tokens)"
     )
 
 
@@ -191,15 +193,15 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
          "bits/param": report.baseline.memory.bits_per_parameter["total"]})  # fmt: skip
     row("gptq-w4g128 (act-order)", "rtn-w4g128", v["gptq-w4g128"], v["rtn-w4g128"])
     row("gptq-w4g128-noact", "rtn-w4g128", v["gptq-w4g128-noact"], v["rtn-w4g128"])
-    say(f"quality: GPTQModel GPTQ w4g128 noact ({time.time() - t0:.0f}s)")
-    try:
-        peers["gptqmodel"] = gptqmodel_peer(work, samples, data.tokens, windows, base_ppl)
-    except ImportError as e:
-        peers["gptqmodel"] = f"skipped: {e}; {GPTQMODEL_INSTALL}"
-    except Exception as e:  # reported in its row, like the bitsandbytes peers
-        peers["gptqmodel"] = f"peer failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    peer_row("gptq-w4g128-noact", "gptq-w4g128-noact", "gptqmodel",
-             "GPTQModel 7.7 GPTQ (same settings)")  # fmt: skip
+    for recipe, name in (("gptq-w4g128", "gptq-w4g128 (act-order)"), ("gptq-w4g128-noact", "gptq-w4g128-noact")):
+        say(f"quality: GPTQModel GPTQ {recipe} ({time.time() - t0:.0f}s)")
+        try:
+            peers[recipe] = gptqmodel_peer(work, samples, data.tokens, windows, base_ppl, recipe)
+        except ImportError as e:
+            peers[recipe] = f"skipped: {e}; {GPTQMODEL_INSTALL}"
+        except Exception as e:  # reported in its row, like the bitsandbytes peers
+            peers[recipe] = f"peer failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        peer_row(name, recipe, recipe, "GPTQModel 7.7 GPTQ (same settings)")
     peer_row("int8 (LLM.int8)", "int8", "int8", "transformers 5 + bitsandbytes LLM.int8 (load_in_8bit)")
     peer_row("w8 (weight-only int8)", "w8", "int8", "transformers 5 + bitsandbytes LLM.int8 (load_in_8bit)")
     say(f"quality: done ({time.time() - t0:.0f}s)")
