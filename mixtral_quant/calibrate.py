@@ -63,7 +63,7 @@ class LayerReport:
     seconds: float = 0.0
 
 
-HESSIAN_BUDGET = 4 << 30  # bytes of expert Hessians captured in one pass (Mixtral-8x7B's w2: 822 MB each)
+HESSIAN_BUDGET = 2 << 30  # bytes of expert Hessians captured in one pass (Mixtral-8x7B's w2: 822 MB each)
 
 
 class LayerQuantizer:
@@ -71,7 +71,8 @@ class LayerQuantizer:
 
     Expert Hessians are captured a group of experts per pass over the activations, as many as fit
     in ``hessian_budget`` bytes, and freed once their experts are quantized: at Mixtral-8x7B's
-    shapes the eight w2 Hessians (14336 x 14336 float32) would otherwise take 6.6 GB at once. Each
+    shapes the eight w2 Hessians (14336 x 14336 float32) would otherwise take 6.6 GB at once; with
+    the default 2 GiB, two are held per pass. Each
     expert's inputs do not depend on the other experts' w2, so any grouping gives the same bytes.
     """
 

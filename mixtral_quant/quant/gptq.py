@@ -169,12 +169,16 @@ def _damped_inverse_cholesky(h: torch.Tensor, cfg: QuantConfig) -> tuple[torch.T
     mean_diag = float(h.diagonal().mean())
     percent = cfg.damp_percent
     retries = MAX_DAMP_RETRIES if cfg.damp_auto_increase else 0
-    for attempt in range(retries + 1):
+    for attempt in range(retries + 1):  # at most two [I, I] buffers besides h at any time (dels)
         damped = h.clone()
         damped.diagonal().add_(percent * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            inverse = torch.cholesky_inverse(lower)
+            del lower
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if int(info) == 0 and bool(torch.isfinite(upper).all()):
                 return upper, percent, attempt
         percent *= 10.0
@@ -197,13 +201,15 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
         )
     group, bits, device = cfg.group_size_for(in_features), cfg.bits, weight.device
     w = weight.to(torch.float32).clone()
-    h = hessian.to(device=device, dtype=torch.float32).clone()
+    h = hessian.to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(h).all()):
         raise MixtralQuantError("GPTQ Hessian holds NaN or inf: check the calibration inputs")
 
     dead = h.diagonal() == 0  # inputs never active: weight irrelevant, keep H invertible
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
+    if bool(dead.any()):
+        h = h.clone()  # the caller's Hessian is left as it was; copied only when it needs the fix
+        h[dead, dead] = 1.0
+        w[:, dead] = 0.0
 
     n_groups = in_features // group
     scales = torch.zeros(n_groups, out_features, device=device)
@@ -217,6 +223,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
     hinv, damp, retries = _damped_inverse_cholesky(h, cfg)
+    del h  # a copy when permuted or fixed: [I, I] floats (822 MB for Mixtral-8x7B's w2) not needed any more
     static_group_of = (perm // group).tolist()  # group of the column at each sweep position
 
     qint = torch.zeros_like(w)
