@@ -72,8 +72,8 @@ class LayerQuantizer:
     Expert Hessians are captured a group of experts per pass over the activations, as many as fit
     in ``hessian_budget`` bytes, and freed once their experts are quantized: at Mixtral-8x7B's
     shapes the eight w2 Hessians (14336 x 14336 float32) would otherwise take 6.6 GB at once; with
-    the default 2 GiB, two are held per pass. Each
-    expert's inputs do not depend on the other experts' w2, so any grouping gives the same bytes.
+    the default 2 GiB, two are held per pass. Each expert's inputs do not depend on the other
+    experts' w2, so any grouping gives the same bytes.
     """
 
     def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
@@ -232,16 +232,14 @@ class LayerQuantizer:
         captured: dict[str, HessianAccumulator] = {}
         for e in range(len(experts)):
             if source[e] == "routed" and str(e) not in captured:
-                group = self._group_from(routed, e, self.cfg.hidden_size)
-                captured = self.capture(h, {str(k): experts[k].w1 for k in group}, run_moe)
+                captured = self._capture_group(h, experts, routed, e, "w1", run_moe)
             acc = shared if source[e] == "all" else captured.pop(str(e), None)
             for w in ("w1", "w3"):
                 self.quantize(f"block_sparse_moe.experts.{e}.{w}", acc, notes[e])
         del shared
         for e, expert in enumerate(experts):
             if source[e] == "routed" and str(e) not in captured:
-                group = self._group_from(routed, e, self.cfg.intermediate_size)
-                captured = self.capture(h, {str(k): experts[k].w2 for k in group}, run_moe)
+                captured = self._capture_group(h, experts, routed, e, "w2", run_moe)
             if source[e] == "all":
                 acc = self.hessian_of(h, partial(self._hidden_of, expert))
             else:
@@ -249,11 +247,15 @@ class LayerQuantizer:
             self.quantize(f"block_sparse_moe.experts.{e}.w2", acc, notes[e])
             del acc
 
-    def _group_from(self, routed: list[int], first: int, in_features: int) -> list[int]:
-        """``first`` and the routed experts after it whose Hessians fit in the budget together."""
+    def _capture_group(self, h: torch.Tensor, experts: list[Expert], routed: list[int], first: int, linear: str,
+                       run: Callable[[torch.Tensor], Any]) -> dict[str, HessianAccumulator]:  # fmt: skip
+        """Hessians of ``linear`` for ``first`` and the routed experts after it, as many as fit in the
+        budget together (float32 ``[in, in]`` each), from one pass of ``run`` over the activations."""
+        in_features = getattr(experts[first], linear).in_features
         per_pass = max(1, self.hessian_budget // (4 * in_features * in_features))
         start = routed.index(first)
-        return routed[start : start + per_pass]
+        group = routed[start : start + per_pass]
+        return self.capture(h, {str(k): getattr(experts[k], linear) for k in group}, run)
 
     def _hidden_of(self, expert: Expert, x: torch.Tensor) -> torch.Tensor:
         return _swiglu_hidden(expert, self.mlp_input(x))

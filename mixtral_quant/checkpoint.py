@@ -11,6 +11,7 @@ an error that names it, never a random weight.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator
@@ -182,7 +183,7 @@ class CheckpointReader:
         with path.open("rb") as f:
             f.seek(start + lo)
             got = f.readinto(buf)
-        if got != hi - lo or hi - lo != _numel(shape) * torch.tensor([], dtype=dtype).element_size():
+        if got != hi - lo or hi - lo != math.prod(shape) * dtype.itemsize:
             raise CheckpointError(f"tensor {name} in {path.name} cannot be read: {hi - lo} bytes for shape {shape}")
         if not buf:
             return torch.empty(shape, dtype=dtype)
@@ -194,14 +195,7 @@ class CheckpointReader:
         return {n[len(prefix) :]: self.get(n, dtype) for n in self.names if n.startswith(prefix)}
 
 
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {name: dtype.itemsize for name, dtype in _TORCH_DTYPES.items()}
 
 
 def load_config(folder: str | Path) -> MixtralConfig:

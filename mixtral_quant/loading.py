@@ -209,7 +209,7 @@ def load_layer(
     for rel, shape in expected.items():
         t = _checked(reader, prefix + rel, shape, reader.folder)
         module = rel.rsplit(".", 1)[0]
-        if keep_linears_stored and module in linears and t.element_size() < torch.empty(0, dtype=dtype).element_size():
+        if keep_linears_stored and module in linears and t.element_size() < dtype.itemsize:
             narrow.append(module)
             state[rel] = t.to(device)
         else:

@@ -118,7 +118,7 @@ def grouped_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     row: the same values for a fraction of the memory traffic."""
     n_in, n_out = codes.shape
     s, z = scales.to(torch.float32), zeros.to(torch.float32)
-    q = codes.to(torch.float32, copy=True)  # worked on in place: one weight-sized buffer
+    q = codes.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # one buffer, worked in place
     size = trivial_group_size(g_idx, s.shape[0])
     if size is not None:
         return q.view(-1, size, n_out).sub_(z[:, None, :]).mul_(s[:, None, :]).view(n_in, n_out)
@@ -128,15 +128,7 @@ def grouped_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.T
 
 def dequantize_gptq(qint: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     """float32 ``[O, I]`` weight from codes ``[O, I]``, scales/zeros ``[G, O]`` and ``g_idx [I]``."""
-    n_out, n_in = qint.shape
-    s, z = scales.to(torch.float32), zeros.to(torch.float32)
-    q = qint.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    size = trivial_group_size(g_idx, s.shape[0])
-    if size is not None:
-        st, zt = s.t().contiguous()[:, :, None], z.t().contiguous()[:, :, None]
-        return q.view(n_out, -1, size).sub_(zt).mul_(st).view(n_out, n_in)
-    idx = g_idx.long()
-    return q.sub_(z[idx].t()).mul_(s[idx].t())
+    return grouped_dequantize(qint.t(), scales, zeros, g_idx).t()
 
 
 def _mse(weight: torch.Tensor, qw: QuantizedWeight) -> float:
