@@ -3,10 +3,12 @@
 `rst_document` turns one reStructuredText page of the Python documentation into prose lines: code
 (literal blocks, doctests, code directives), tables, comments, targets and index entries are dropped,
 inline markup (roles, literals, links, emphasis) is reduced to its visible text, each paragraph and
-list item becomes one line. `moby_dick` reads the chapters of the novel in reading order.
+list item becomes one line; `read_rst_pages` applies it to every page of a manual, `deb_data` opens a
+Debian package's files. `moby_dick` reads the chapters of the novel in reading order.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -147,3 +149,33 @@ def moby_dick(tgz_bytes: bytes) -> tuple[str, int]:
         paragraphs = [p for p in paragraphs if p]
         parts.append(f"= {paragraphs[0]} =\n" + "\n".join(paragraphs[1:]) + "\n\n")
     return "".join(parts), len(parts)
+
+
+def deb_data(deb: bytes) -> tarfile.TarFile:
+    """The data.tar.* member of a Debian package (an ar archive) as an open tar file."""
+    if not deb.startswith(b"!<arch>\n"):
+        raise SystemExit("not a Debian package (ar archive)")
+    pos = 8
+    while pos + 60 <= len(deb):
+        name = deb[pos:pos + 16].decode().strip().rstrip("/")
+        size = int(deb[pos + 48:pos + 58].decode().strip())
+        if name.startswith("data.tar"):
+            return tarfile.open(fileobj=io.BytesIO(deb[pos + 60:pos + 60 + size]))
+        pos += 60 + size + (size & 1)
+    raise SystemExit("no data.tar member in the Debian package")
+
+
+def read_rst_pages(tar: tarfile.TarFile, root: str, suffix: str, skip: tuple[str, ...]) -> tuple[str, int, str]:
+    """A manual's reST pages under root (sorted by path) as documents; also the sources' sha256."""
+    pages = {m.name[len(root):]: tar.extractfile(m).read()  # type: ignore[union-attr]
+             for m in tar if m.isfile() and m.name.startswith(root) and m.name.endswith(suffix)}
+    digest = hashlib.sha256()
+    out = []
+    for path in sorted(pages):
+        digest.update(path.encode() + b"\0" + pages[path] + b"\0")
+        if path.startswith(skip):
+            continue
+        title, lines = rst_document(pages[path].decode("utf-8"))
+        if len(lines) >= 2:
+            out.append(f"= {title} =\n" + "\n".join(lines) + "\n\n")
+    return "".join(out), len(out), digest.hexdigest()
