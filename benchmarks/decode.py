@@ -2,7 +2,8 @@
 transformers' eager ``generate``; batch 1 and 8, greedy, equal-length prompts (no padding).
 
 Prefill: one forward call over ``B x P`` prompt tokens. Decode: ``N`` greedy one-token steps after it
-(``B x N`` tokens). Ours and onnxruntime are timed call by call; transformers through ``generate()``
+(``B x N`` tokens). Ours and onnxruntime are timed call by call (each onnxruntime row is labelled
+by the ops its export.json records: QMoE or float MoE, MatMulNBits or MatMul); transformers through ``generate()``
 as users call it, decode from ``generate(N + 1 new) - generate(1 new)``. Every row's ratio is against
 transformers' eager PyTorch at the same batch size.
 """
@@ -24,6 +25,7 @@ from mixtral_quant.checkpoint import DEFAULT_MODEL
 from mixtral_quant.eval.data import load_dataset, tokenizer_for
 from mixtral_quant.export import ExportDtype, Target, export_onnx
 from mixtral_quant.export.ort_runner import OnnxDecoder
+from mixtral_quant.export.record import ops_label, read_export_info
 from mixtral_quant.loading import load_model
 from mixtral_quant.pipeline import quantize_model
 from mixtral_quant.recipe import load_recipe
@@ -117,6 +119,14 @@ def exports(work: Path, quality_work: Path, say: Any) -> dict[str, Path]:
     return out
 
 
+def onnx_label(name: str, folder: Path) -> str:
+    """The row's label from the ops the export holds (its export.json), not from the recipe's name:
+    ``onnxruntime gptq-w4g128 export: experts QMoE 4-bit block 128, attention MatMulNBits 4-bit block 128``."""
+    info = read_export_info(folder)
+    ops = ops_label(info) if info is not None else "ops not recorded"
+    return f"onnxruntime {name} export: {ops} (ORT target)"
+
+
 def _figures(t: Timings, batch: int, prompt: int, steps: int) -> dict[str, Any]:
     return {"decode tok/s": batch * steps / t[1], "prefill tok/s": batch * prompt / t[0], "prefill s": t[0],
             "decode s": t[1]}  # fmt: skip
@@ -137,7 +147,7 @@ def run(work: Path, quality_work: Path, quick: bool, say: Any) -> list[Row]:
 
         peer = _figures(results["transformers"], batch, prompt, steps)
         labels = {"ours": "ours eager PyTorch fp32 (load_model, KV cache)"}
-        labels |= {f"onnx {n}": f"onnxruntime {n} export (ORT target, fp32 activations)" for n in folders}
+        labels |= {f"onnx {n}": onnx_label(n, folder) for n, folder in folders.items()}
         for key, label in labels.items():
             rows.append(Row(SECTION, f"{label}, batch {batch}", "transformers 5 eager generate (fp32, greedy)",
                             "decode tok/s", "higher", _figures(results[key], batch, prompt, steps), peer, repeats,

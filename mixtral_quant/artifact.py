@@ -9,22 +9,31 @@ calibration data's hash; ``verify`` checks it and names any file that changed.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from . import __version__
 from .errors import IntegrityError, MixtralQuantError
 
 MANIFEST = "manifest.json"
 STATE = "state.json"  # a run's commit point in its .partial folder; gone once the artifact is complete
-# Files that describe one run (timings) rather than the artifact; not hashed.
+# Files at the top of an artifact that describe one run (timings) rather than the artifact; not hashed.
+# The same names in a subfolder are ordinary files and hashed like any other.
 RUN_FILES = frozenset({MANIFEST, "run_log.json"})
+# Written first into every work folder: marks a .partial folder as this tool's, so --overwrite and
+# --resume never delete or reuse a folder someone else made. Removed before publishing.
+RUN_MARK = ".mixtral-quant-run"
+FORMATS = ("mixtral-quant-artifact",)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -40,7 +49,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def artifact_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in RUN_FILES)
+    """Every file of the folder tree but the top-level run files (and the work-folder mark)."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.is_file() and p.relative_to(folder).as_posix() not in RUN_FILES | {RUN_MARK})
 
 
 def write_manifest(folder: Path, extra: dict[str, Any]) -> Path:
@@ -69,7 +80,23 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
         raise IntegrityError(f"{path} is not valid JSON: the artifact is damaged") from None
     if not isinstance(d, dict) or not isinstance(d.get("files"), dict):
         raise IntegrityError(f"{path} has no 'files' table: the artifact is damaged")
+    if d.get("format") not in FORMATS:
+        raise IntegrityError(f"{path} is not a mixtral-quant manifest (format {d.get('format')!r})")
     return d
+
+
+def check_source(folder: Path, quantized: bool, no_verify: bool = False) -> None:
+    """Verify a folder about to be read: an artifact's files against its manifest. A quantized folder
+    without a manifest (not written by this tool, or damaged) is refused unless ``no_verify``."""
+    if no_verify:
+        return
+    if (folder / MANIFEST).exists():
+        verify(folder)
+    elif quantized:
+        raise IntegrityError(
+            f"{folder} is quantized but has no {MANIFEST}, so its files cannot be checked: "
+            "pass --no-verify to read it unchecked"
+        )
 
 
 def verify(folder: str | Path) -> dict[str, Any]:
@@ -99,16 +126,41 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
+def is_ours(folder: Path) -> bool:
+    """A folder this tool wrote: an artifact or export with our manifest."""
+    try:
+        return folder.is_dir() and not folder.is_symlink() and read_manifest(folder) is not None
+    except IntegrityError:
+        return False
+
+
+def _is_our_work(work: Path) -> bool:
+    return work.is_dir() and not work.is_symlink() and ((work / RUN_MARK).is_file() or not any(work.iterdir()))
+
+
+def check_out_path(out: Path) -> None:
+    """An output path must name a folder of its own: not empty, '.', '..' or the root."""
+    if not str(out) or out.name in ("", ".", "..") or out.resolve() == Path(out.resolve().anchor):
+        raise MixtralQuantError(f"--out {str(out)!r} does not name a new folder: give one such as exports/gptq")
+
+
 def check_output(out: Path, overwrite: bool, resume: bool, source: Path | None = None) -> None:
-    """Refuse, before any work, to clobber a finished artifact, an unfinished run or the source itself."""
+    """Refuse, before any work, to clobber a finished artifact, an unfinished run, the source itself,
+    or anything this tool did not write."""
+    check_out_path(out)
     work = partial_dir(out)
     if source is not None:
         src = source.resolve()
         for target in (out.resolve(), work.resolve()):
             if target == src or target in src.parents:
                 raise MixtralQuantError(f"--out {out} would replace the source model {source}: choose another folder")
-    if out.exists() and not overwrite:
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise MixtralQuantError(f"{out} already exists: choose another --out or pass --overwrite")
+    if (out.exists() or out.is_symlink()) and not is_ours(out):
+        raise MixtralQuantError(f"{out} is not an artifact written by mixtral-quant (no valid {MANIFEST}): "
+                                "--overwrite replaces only those; choose another --out")
+    if (work.exists() or work.is_symlink()) and not _is_our_work(work):
+        raise MixtralQuantError(f"{work} was not made by a mixtral-quant run: move it away or choose another --out")
     if work.exists() and not resume and not overwrite:
         raise MixtralQuantError(
             f"{work} holds an unfinished run: continue it with --resume, or start over with --overwrite"
@@ -124,6 +176,7 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, source: Path | None
     if work.exists() and not resume:
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
+    (work / RUN_MARK).touch()
     remove_scraps(work)
     return work
 
@@ -138,6 +191,7 @@ def remove_scraps(folder: Path) -> None:
 
 def publish(work: Path, out: Path) -> Path:
     """Move a complete work folder into place (replacing an old artifact only now)."""
+    (work / RUN_MARK).unlink(missing_ok=True)
     if out.exists():
         old = out.with_name(out.name + ".old")
         if old.exists():
@@ -150,7 +204,41 @@ def publish(work: Path, out: Path) -> Path:
     return out
 
 
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on OUT (and so on OUT.partial) for one run: a second run that writes
+    the same folder at the same time gets a clear error instead of mixing its files in.
+
+    The lock is ``flock`` on ``.OUT.lock`` beside OUT, removed when the run ends; a lock file that was
+    removed between our open and our flock is retried, so two runs never both believe they hold it."""
+    check_out_path(out)
+    path = out.with_name(f".{out.name}.lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MixtralQuantError(
+                f"another mixtral-quant run is writing {out} (it holds {path}): wait for it to end, "
+                "or choose another --out"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+TOO_LARGE = (errno.EFBIG,)
 
 
 @contextmanager
@@ -159,13 +247,27 @@ def run_errors(out: Path) -> Iterator[None]:
     ``<out>.partial`` for --resume."""
     try:
         yield
-    except OSError as e:
-        what = f"the disk is full ({e.strerror})" if e.errno in DISK_FULL else (
-            f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e))
+    except (OSError, SafetensorError) as e:
+        what = _os_error_text(e)
         work = partial_dir(out)
         if work.exists():
             raise MixtralQuantError(f"{what} while writing {work}: fix it, then continue with --resume") from None
         raise MixtralQuantError(what) from None
+
+
+def _os_error_text(e: Exception) -> str:
+    """One line for an OSError, or a safetensors error that wraps one ('... os error 28')."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = re.search(r"os error (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    if code in DISK_FULL:
+        return f"the disk is full ({os.strerror(code)})"
+    if code in TOO_LARGE:
+        return f"a file grew past the size limit ({os.strerror(code)}, see ulimit -f)"
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def write_json(path: Path, data: Any) -> None:

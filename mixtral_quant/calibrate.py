@@ -32,6 +32,7 @@ from .model import DecoderLayer, Expert
 from .quant import HessianAccumulator, MethodName, get_method
 from .quant.base import Method, QuantResult
 from .recipe import ExpertPolicy, Fallback, Recipe
+from .textfile import read_text
 from .tokenizer import Tokenizer
 
 
@@ -41,7 +42,7 @@ def calibration_tokens(recipe: Recipe, tokenizer: Tokenizer) -> torch.Tensor:
     path = cal.path()
     if not path.is_file():
         raise MixtralQuantError(f"calibration corpus {cal.corpus!r} not found (no {path})")
-    ids = torch.tensor(tokenizer.encode(path.read_text(errors="replace")), dtype=torch.int64)
+    ids = torch.tensor(tokenizer.encode(read_text(path, "calibration corpus")), dtype=torch.int64)
     windows = len(ids) // cal.seq_len
     if windows < cal.samples:
         raise MixtralQuantError(

@@ -5,7 +5,9 @@ Reading never loads a whole file: each ``get`` reads one tensor's bytes at its o
 a new tensor, so a 93 GB Mixtral-8x7B is read layer by layer and a process holds only the tensors
 it keeps (the file's pages stay in the page cache, never in the resident set as a mapping's would).
 Loading is strict (nanoGPT's ``from_pretrained``): a missing, unexpected or mis-shaped tensor is
-an error that names it, never a random weight.
+an error that names it, never a random weight. Every read refuses a float tensor holding NaN or Inf
+(:func:`check_finite`) and float formats below 16 bits (F8_E4M3, F8_E5M2, F8_E8M0, ...): an 8-bit
+float weight is only meaningful with scales this tool does not read, so it is named, not widened.
 """
 
 from __future__ import annotations
@@ -162,6 +164,7 @@ class CheckpointReader:
         if name not in self.where:
             raise CheckpointError(f"tensor {name} is missing from {self.folder}")
         t = self._read(name)
+        check_finite(name, t, self.where[name])
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         return t.to(device)
@@ -171,7 +174,13 @@ class CheckpointReader:
         path = self.where[name]
         start, header = self._layout[path]
         info = header.get(name)
-        dtype = _TORCH_DTYPES.get(str(info.get("dtype"))) if isinstance(info, dict) else None
+        stored = str(info.get("dtype")) if isinstance(info, dict) else None
+        if stored is not None and stored not in _TORCH_DTYPES and stored.startswith("F"):
+            raise CheckpointError(
+                f"tensor {name} in {path} is stored as {stored}, a float format below 16 bits that this tool does "
+                "not read (its scales, if any, live elsewhere): convert the checkpoint to BF16, F16 or F32 first"
+            )
+        dtype = _TORCH_DTYPES.get(stored) if stored is not None else None
         if dtype is None or not isinstance(info, dict):  # no plain byte layout here: safetensors decodes it
             try:
                 return self._handles[path].get_tensor(name)
@@ -210,11 +219,20 @@ def quantization_config(folder: str | Path) -> dict[str, Any] | None:
     return qc
 
 
+def check_finite(name: str, t: torch.Tensor, where: Path) -> None:
+    """CheckpointError naming the tensor when a float tensor holds NaN or Inf.
+
+    Every tensor :meth:`CheckpointReader.get` returns has passed it, so the torch loader, the
+    quantizer, the evaluator and the ONNX exporter refuse the same files with the same message.
+    """
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"tensor {name} in {where} holds NaN or Inf values: the checkpoint is damaged")
+
+
 def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], folder: Path) -> None:
     if tuple(t.shape) != shape:
         raise CheckpointError(f"tensor {name} in {folder} has shape {tuple(t.shape)}, the config needs {shape}")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise CheckpointError(f"tensor {name} in {folder} holds NaN or Inf values")
+    check_finite(name, t, folder)
 
 
 def write_checkpoint(

@@ -70,9 +70,10 @@ def inspect(model: Path | None) -> None:
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="fp32", show_default=True)
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="onnx: MODEL is a folder written by `export onnx`, run with onnxruntime.")
+@click.option("--no-verify", is_flag=True, help="Read a quantized folder that has no manifest.json, unchecked.")
 def generate(
     model: Path | None, prompt: str, chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-    seed: int, device: str, dtype: str, backend: str,
+    seed: int, device: str, dtype: str, backend: str, no_verify: bool,
 ) -> None:
     """Generate text from MODEL (any variant: fp16, NF4, GPTQ, int8, or an ONNX export)."""
     from .checkpoint import resolve_model
@@ -91,7 +92,7 @@ def generate(
     else:
         from .loading import load_model
 
-        m = load_model(folder, dtype=DTYPES[dtype], device=pick_device(device))
+        m = load_model(folder, dtype=DTYPES[dtype], device=pick_device(device), no_verify=no_verify)
         new = run(m, ids, sampling, eos_id=tok.eos_id)
     new = [t for t in new if t != tok.eos_id]
     # Decode prompt and continuation together so the joining space survives.
@@ -155,9 +156,10 @@ def verify(artifact: Path) -> None:
 @click.option("--check", type=click.Path(path_type=Path), help="Bounds TOML: exit non-zero if a variant regressed.")
 @click.option("--layer-sequential", is_flag=True, default=None,
               help="Run all windows layer by layer with weights streamed from disk (models larger than the device).")
+@click.option("--no-verify", is_flag=True, help="Read a quantized folder that has no manifest.json, unchecked.")
 def eval_cmd(
     variants: tuple[Path, ...], baseline: Path | None, dataset: str, ctx: int, stride: int | None, device: str,
-    report_dir: Path | None, check: Path | None, layer_sequential: bool | None,
+    report_dir: Path | None, check: Path | None, layer_sequential: bool | None, no_verify: bool,
 ) -> None:
     """Perplexity, KL, router agreement, memory and speed of VARIANTS against the 16-bit baseline."""
     from .checkpoint import resolve_model
@@ -165,7 +167,7 @@ def eval_cmd(
     from .eval.runner import evaluate
 
     report = evaluate(list(variants), resolve_model(baseline), dataset, ctx, stride, device, report_dir, check,
-                      layer_sequential)
+                      layer_sequential, no_verify=no_verify)
     click.echo(markdown(report))
 
 
@@ -185,14 +187,18 @@ def export() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT (or start an unfinished one over).")
 @click.option("--resume", is_flag=True, help="Continue an export that was interrupted (OUT.partial).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--no-verify", is_flag=True, help="Read a quantized folder that has no manifest.json, unchecked.")
 def export_onnx_cmd(variant: Path | None, out: Path, target: str, dtype: str, nf4_experts: str,
-                    overwrite: bool, resume: bool, quiet: bool) -> None:
+                    overwrite: bool, resume: bool, quiet: bool, no_verify: bool) -> None:
     """Write VARIANT as an ONNX decoder with KV-cache inputs/outputs, genai_config.json and tokenizer."""
     from .checkpoint import resolve_model
-    from .export import ExportDtype, NF4Experts, Target, export_onnx
+    from .export import ExportDtype, NF4Experts, Target, export_onnx, export_summary
 
     path = export_onnx(resolve_model(variant), out, Target[target.upper()], ExportDtype[dtype.upper()],
-                       overwrite, progress=not quiet, nf4_experts=NF4Experts[nf4_experts.upper()], resume=resume)
+                       overwrite, progress=not quiet, nf4_experts=NF4Experts[nf4_experts.upper()], resume=resume,
+                       no_verify=no_verify)
+    if not quiet:
+        click.echo(export_summary(path))
     click.echo(f"wrote {path}")
 
 

@@ -15,6 +15,8 @@ from typing import Any
 from .errors import ConfigError
 
 MODEL_TYPES = ("mixtral", "mistral")
+# Fields without which a config.json does not say which model it is (no silent Mixtral-8x7B defaults).
+REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # What the fields read from config.json must hold (JSON gives any type; a wrong one is a ConfigError).
 POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "max_position_embeddings")
@@ -135,6 +137,9 @@ class MixtralConfig:
             raise ConfigError(
                 f"model_type {model_type!r} is not a Mixtral or Mistral model (expected one of {MODEL_TYPES})"
             )
+        missing = [f for f in REQUIRED if f not in d]
+        if missing:
+            raise ConfigError(f"config.json lacks {', '.join(missing)}: a {model_type} config must give its sizes")
         moe = None
         kwargs: dict[str, Any] = {}
         try:
@@ -165,6 +170,9 @@ class MixtralConfig:
             raise ConfigError(f"config.json has a field of the wrong type: {e}") from None
         if cfg.head_dim_override == cfg.hidden_size // cfg.num_attention_heads:
             cfg = replace(cfg, head_dim_override=None)
+        from .sizes import check_size  # sizes builds on this module
+
+        check_size(cfg)
         return cfg
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -187,6 +195,22 @@ class MixtralConfig:
         if extra:
             d.update(extra)
         Path(path).write_text(json.dumps(d, indent=2) + "\n")
+
+
+# Fields that change the function a model computes; two models compared token by token must agree on all.
+FUNCTION_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "head_dim", "rope_theta", "sliding_window",
+                   "rms_norm_eps", "tie_word_embeddings", "num_experts", "num_experts_per_tok")
+
+
+def function_differences(a: MixtralConfig, b: MixtralConfig) -> list[str]:
+    """``field a != b`` for each field in which two configs describe different functions."""
+    def value(cfg: MixtralConfig, name: str) -> Any:
+        if name == "num_experts_per_tok":
+            return cfg.moe.num_experts_per_tok if cfg.moe is not None else None
+        return getattr(cfg, name)
+
+    return [f"{n} {value(a, n)!r} != {value(b, n)!r}" for n in FUNCTION_FIELDS if value(a, n) != value(b, n)]
 
 
 def read_config_json(path: str | Path) -> dict[str, Any]:

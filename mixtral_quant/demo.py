@@ -51,6 +51,8 @@ def run_demo(
     device: torch.device = CPU,
     say: Callable[[str], None] = print,
 ) -> EvalReport:
+    if eval_tokens < ctx:
+        raise MixtralQuantError(f"--eval-tokens {eval_tokens} is less than one window of {ctx} tokens")
     src = resolve_model(model) if model is not None else DEFAULT_MODEL
     names = recipes or shipped_recipes()
     unknown = sorted(set(names) - set(shipped_recipes()))

@@ -8,20 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .checkpoint import CheckpointReader, load_config, quantization_config, resolve_model
 from .config import MixtralConfig
-from .model import MixtralForCausalLM, component_of, parameter_groups
+from .model import component_of
+from .sizes import parameter_counts
 
 COMPONENTS = ("experts", "attention", "router", "embeddings", "norms")
-
-
-def parameter_counts(cfg: MixtralConfig) -> dict[str, int]:
-    """Parameters of the fp model by component (built on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = MixtralForCausalLM(cfg)
-    return parameter_groups(model)
 
 
 @dataclass

@@ -9,34 +9,44 @@ randomly initialised weight.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .artifact import MANIFEST, verify
+from .artifact import check_source
 from .checkpoint import CheckpointReader, check_tensor, load_config, quantization_config, resolve_model
 from .config import MixtralConfig
 from .errors import CheckpointError, ConfigError
 from .model import DecoderLayer, MixtralForCausalLM
 from .quant import MethodName, QuantConfig, get_method
 from .quant.base import Method
+from .sizes import check_fits, parameter_counts, tensor_shapes
 
 
 def quant_config_from_hf(d: dict[str, Any]) -> QuantConfig:
     """The QuantConfig a config.json 'quantization_config' describes."""
-    method = d.get("quant_method")
+    try:
+        return _quant_config(d)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"quantization_config has a missing or malformed field ({type(e).__name__}: {e}): "
+                          f"{json.dumps(d)[:200]}") from None
+
+
+def _quant_config(d: dict[str, Any]) -> QuantConfig:
+    method = d.get("quant_method") if isinstance(d, dict) else None
     if method == "gptq":
         if d.get("format", "gptq") not in ("gptq", None) or d.get("checkpoint_format", "gptq") != "gptq":
             raise ConfigError(f"GPTQ format {d.get('format')!r} is not supported; only 'gptq' (v1 zeros) is")
         return QuantConfig(
             MethodName.GPTQ,
-            bits=int(d["bits"]),
-            group_size=int(d.get("group_size", 128)),
-            sym=bool(d.get("sym", True)),
-            act_order=bool(d.get("desc_act", False)),
-            static_groups=bool(d.get("static_groups", True)),
+            bits=_int(d["bits"], "bits"),
+            group_size=_int(d.get("group_size", 128), "group_size"),
+            sym=_bool(d.get("sym", True), "sym"),
+            act_order=_bool(d.get("desc_act", False), "desc_act"),
+            static_groups=_bool(d.get("static_groups", True), "static_groups"),
             damp_percent=float(d.get("damp_percent", 0.01)),
         )
     if method == "bitsandbytes":
@@ -51,6 +61,38 @@ def quant_config_from_hf(d: dict[str, Any]) -> QuantConfig:
     raise ConfigError(f"quantization_config {d!r} names no method this tool can load (gptq, bitsandbytes, w8)")
 
 
+def _int(v: Any, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    return v
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+    return v
+
+
+def check_layout(reader: CheckpointReader, cfg: MixtralConfig) -> None:
+    """The checkpoint has the config's last layer and, for Mixtral, its last expert, and no layer past
+    them: a config that claims far more layers or experts than the files hold fails here, before any
+    module is built."""
+    names = reader.names
+    last = cfg.num_hidden_layers - 1
+    wanted = [f"model.layers.{last}.input_layernorm.weight"]
+    if cfg.moe is not None:
+        wanted.append(f"model.layers.{last}.block_sparse_moe.experts.{cfg.moe.num_local_experts - 1}.w2.")
+    for prefix in wanted:
+        if not any(n.startswith(prefix) for n in names):
+            raise CheckpointError(
+                f"{reader.folder} has no tensor {prefix.rstrip('.')}: its config.json says {cfg.num_hidden_layers} "
+                f"layers and {cfg.num_experts} experts, more than the checkpoint holds")
+    beyond = f"model.layers.{cfg.num_hidden_layers}."
+    if any(n.startswith(beyond) for n in names):
+        raise CheckpointError(f"{reader.folder} holds layer {cfg.num_hidden_layers}, but its config.json says "
+                              f"{cfg.num_hidden_layers} layers")
+
+
 def _marker(method: Method) -> str:
     """A stored name that only a quantized linear of this method has (not plain 'weight')."""
     return next(n for n in method.tensor_names() if n != "weight")
@@ -60,21 +102,27 @@ def load_model(
     folder: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    no_verify: bool = False,
 ) -> MixtralForCausalLM:
     """Build the reference model from a folder; quantized linears become runtime modules.
 
     A folder with a manifest.json (an artifact this tool wrote) is verified first, each file hashed
-    once: a file changed since it was written is an IntegrityError that names it.
+    once: a file changed since it was written is an IntegrityError that names it. A quantized folder
+    without a manifest is refused unless ``no_verify``.
     """
     path = resolve_model(folder)
-    if (path / MANIFEST).is_file():
-        verify(path)
     cfg = load_config(path)
     qc = quantization_config(path)
+    check_source(path, quantized=bool(qc), no_verify=no_verify)
     method = get_method(quant_config_from_hf(qc)) if qc else None
-    with torch.device("meta"):
-        model = MixtralForCausalLM(cfg)
     with CheckpointReader(path) as reader:
+        check_layout(reader, cfg)
+        if method is None:
+            nbytes = sum(parameter_counts(cfg).values()) * dtype.itemsize
+            check_fits(f"{path.name} in {str(dtype).removeprefix('torch.')}", nbytes, torch.device(device),
+                       "evaluate it with --layer-sequential, or use a smaller dtype")
+        with torch.device("meta"):
+            model = MixtralForCausalLM(cfg)
         present = set(reader.names)
         used: set[str] = set()
         for name, module in list(model.named_modules()):
@@ -122,8 +170,8 @@ def check_checkpoint(reader: CheckpointReader, cfg: MixtralConfig) -> None:
     Reads each tensor once, one at a time: ``quantize`` runs it before writing anything,
     so a damaged source fails at once, naming the tensor, rather than hours into a run.
     """
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in MixtralForCausalLM(cfg).state_dict().items()}
+    check_layout(reader, cfg)
+    expected = dict(tensor_shapes(cfg))
     if cfg.tie_word_embeddings and "lm_head.weight" not in reader.where:
         del expected["lm_head.weight"]
     unexpected = sorted(set(reader.names) - set(expected))

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .artifact import (
     STATE,
     check_output,
+    output_lock,
     prepare_output,
     publish,
     remove_scraps,
@@ -40,7 +41,7 @@ from .artifact import (
 from .calibrate import LayerQuantizer, LayerReport, calibration_tokens
 from .checkpoint import INDEX_FILE, CheckpointReader, load_config, quantization_config, resolve_model
 from .config import read_config_json
-from .errors import MixtralQuantError
+from .errors import IntegrityError, MixtralQuantError
 from .export.genai import write_tokenizer_files
 from .loading import check_checkpoint, load_layer
 from .quant import MethodName, get_method
@@ -78,7 +79,7 @@ def quantize_model(
     Bad input fails before anything is written; a full disk fails with the finished layers kept
     in ``<out>.partial`` for ``resume``.
     """
-    with run_errors(out):
+    with run_errors(out), output_lock(out):
         return _quantize(model, recipe, out, device, resume, overwrite, progress, chunk, stop_after)
 
 
@@ -94,11 +95,17 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     check(cfg.intermediate_size, cfg.hidden_size)
     check(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim)
     check(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
-    tok = Tokenizer(src if (src / "tokenizer.model").is_file() else resolve_model(None))
+    if not (src / "tokenizer.model").is_file():
+        raise MixtralQuantError(f"{src} has no tokenizer.model: calibration text must be tokenized with the "
+                                "model's own tokenizer; copy it into the folder")
+    tok = Tokenizer(src)
     reader = CheckpointReader(src)
     check_checkpoint(reader, cfg)  # every tensor there, shaped, float and finite, before anything is written
     t_start = time.time()
-    source_hashes = {f.name: sha256_file(f) for f in reader.files}
+    # Everything read from the source that changes the artifact's bytes: weights, config, tokenizer and
+    # the files copied along. A resumed run must have the same, or it would mix two models.
+    inputs = {*reader.files, src / "config.json", *(src / n for n in COPY_FILES if (src / n).is_file())}
+    source_hashes = {f.name: sha256_file(f) for f in sorted(inputs)}
     tokens = calibration_tokens(recipe, tok) if recipe.needs_calibration else calibration_tokens_light(recipe, tok)
     if int(tokens.max()) >= cfg.vocab_size:
         raise MixtralQuantError(
@@ -109,16 +116,14 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     identity = {"recipe": recipe.digest(), "source": source_hashes, "calibration_sha256": cal_hash}
     work = prepare_output(out, overwrite, resume, src)
     n_shards = cfg.num_hidden_layers + 1
-    state: dict[str, Any] = {"identity": identity, "layers_done": 0, "reports": []}
+    state: dict[str, Any] = {"identity": identity, "layers_done": 0, "reports": [], "files": {}}
     if resume and (work / STATE).is_file():
-        state = json.loads((work / STATE).read_text())
-        if state.get("identity") != identity:
-            raise MixtralQuantError(f"{work} was started with another recipe, source or calibration data: "
-                                    "start over with --overwrite")
+        state = read_state(work, identity, n_shards)
     done = int(state["layers_done"])
     if done == 0:
         head = {n: reader.get(n) for n in reader.names if not n.startswith("model.layers.")}
         save_atomic(head, work / shard_name(1, n_shards))
+        state["files"][shard_name(1, n_shards)] = sha256_file(work / shard_name(1, n_shards))
         del head
         h = torch.nn.functional.embedding(tokens, reader.get("model.embed_tokens.weight", torch.float32))
     elif done < cfg.num_hidden_layers:  # a run stopped while finishing has no activations left, nor needs them
@@ -137,6 +142,11 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         save_atomic({**kept, **quantized}, work / shard_name(i + 2, n_shards))
         del kept, quantized
         save_atomic({"h": h.contiguous()}, work / f"activations-{i + 1}.safetensors")
+        state["files"][shard_name(i + 2, n_shards)] = sha256_file(work / shard_name(i + 2, n_shards))
+        state["files"].pop(f"activations-{i}.safetensors", None)
+        if i + 1 < cfg.num_hidden_layers:  # the next layer's inputs; the last layer's outputs are not needed
+            act = f"activations-{i + 1}.safetensors"
+            state["files"][act] = sha256_file(work / act)
         state["layers_done"] = i + 1
         state["reports"].append(asdict(lq.report))
         write_json(work / STATE, state)
@@ -149,6 +159,30 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     reader.close()
     finish(src, work, recipe, cfg.num_hidden_layers, identity, state, time.time() - t_start)
     return publish(work, out)
+
+
+def read_state(work: Path, identity: dict[str, Any], n_shards: int) -> dict[str, Any]:
+    """The commit point of an interrupted run, checked: the same inputs, and every file it names
+    (shards, saved activations) present with the bytes it recorded."""
+    damaged = f"{work / STATE} is damaged"
+    try:
+        state = json.loads((work / STATE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IntegrityError(f"{damaged} (not JSON): start over with --overwrite") from None
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(
+            state.get("layers_done"), int) or not isinstance(state.get("reports"), list):
+        raise IntegrityError(f"{damaged} (fields missing): start over with --overwrite")
+    if state.get("identity") != identity:
+        raise MixtralQuantError(f"{work} was started with another source model (weights, config or tokenizer), "
+                                "recipe or calibration data: start over with --overwrite")
+    if not 0 <= state["layers_done"] < n_shards:
+        raise IntegrityError(f"{damaged} (layers_done {state['layers_done']}): start over with --overwrite")
+    for name, digest in sorted(state["files"].items()):
+        path = work / name
+        if not path.is_file() or sha256_file(path) != digest:
+            what = "missing" if not path.is_file() else "changed since it was written"
+            raise IntegrityError(f"{path} is {what}: the unfinished run cannot continue; start over with --overwrite")
+    return state
 
 
 def give_back_freed_memory() -> None:

@@ -43,6 +43,10 @@ class Tokenizer:
         return int(self.sp.get_piece_size())
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # lone surrogates, e.g. from invalid UTF-8 on the command line
+            raise MixtralQuantError(f"the text is not valid Unicode (position {e.start}): pass UTF-8 text") from None
         ids: list[int] = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 

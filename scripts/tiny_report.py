@@ -1,13 +1,17 @@
 """Measure what the embedded tiny Mixtral learned, and whether quantizers can be told apart on it.
 
-    python scripts/tiny_report.py [--model DIR] [--ctx 512]
+    python scripts/tiny_report.py [--model DIR] [--ctx 512] [--tokens 65536]
 
-Writes REPORT.md and report.json beside the model:
-- wiki-test perplexity (windows of ctx, no overlap) beside a unigram model's on the same tokens
-  (unigram estimated on the training text, wiki-train + State of the Union, add-one smoothing);
-- tokens per expert per layer on wiki-test (dead experts are those with none);
-- round-to-nearest (groups of 128, experts and attention) at 4 and 3 bits: the rise in perplexity;
+Writes REPORT.md and report.json beside the model, each figure beside the bar it must meet:
+- memorization: wiki-test perplexity over the perplexity on as many tokens of the training text
+  (an equal share from the head of each training source);
+- generalization: perplexity on the last ``--tokens`` tokens of the held-out novel (Moby-Dick: no fiction
+  is trained on) over an add-one unigram model of the training text on the same tokens;
+- sensitivity: round-to-nearest (groups of 128, experts and attention) at 4 and 3 bits, perplexity rise
+  and KL divergence to the unquantized model on wiki-test and on the novel;
+- experts alive: each expert's share of the top-2 slots per layer over all of wiki-test;
 - per module kind: kurtosis and max/std of the weights, beside a freshly initialised model's.
+All perplexities use non-overlapping windows of ``--ctx`` tokens, every position scored.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 from mixtral_quant.eval.data import load_dataset
-from mixtral_quant.eval.perplexity import model_perplexity
 from mixtral_quant.loading import load_model, new_model
 from mixtral_quant.model import MixtralForCausalLM
 from mixtral_quant.quant import MethodName, QuantConfig, get_method
@@ -31,15 +35,19 @@ from mixtral_quant.recipe import CORPORA
 from mixtral_quant.tokenizer import Tokenizer
 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3")
+TRAINING = ("wiki-train", "sotu", "python-docs", "django-docs")  # scripts/train_tiny.py's SOURCES
+NOVEL = "moby-dick"
+BARS = {"memorization": 1.5, "generalization": 0.40, "wiki_rise": {"4": 1.0, "3": 4.0},
+        "novel_rise": {"4": 0.5, "3": 2.0}, "expert_share": 0.02}
 
 
-def unigram_ppl(tok: Tokenizer, test: torch.Tensor) -> float:
+def unigram_ppl(tok: Tokenizer, scored: torch.Tensor) -> float:
+    """Add-one unigram model of the training text, perplexity on the ``scored`` token ids."""
     counts: Counter[int] = Counter()
-    for name in ("wiki-train", "sotu"):
+    for name in TRAINING:
         counts.update(tok.encode((CORPORA / f"{name}.txt").read_text()))
     total = sum(counts.values()) + tok.vocab_size
-    scored = test[1:].tolist()  # every token but the first BOS
-    nll = -sum(math.log((counts[t] + 1) / total) for t in scored)
+    nll = -sum(math.log((counts[t] + 1) / total) for t in scored.tolist())
     return math.exp(nll / len(scored))
 
 
@@ -52,111 +60,140 @@ def rtn(model: MixtralForCausalLM, bits: int) -> MixtralForCausalLM:
     return model
 
 
+@torch.no_grad()
+def lockstep(models: dict[str, MixtralForCausalLM], tokens: torch.Tensor, ctx: int) -> dict[str, dict[str, float]]:
+    """Perplexity of each model and KL(first model || each) over non-overlapping windows of ``tokens``."""
+    names = list(models)
+    nll = dict.fromkeys(names, 0.0)
+    kl = dict.fromkeys(names, 0.0)
+    scored = 0
+    for w in range((len(tokens) - 1) // ctx):
+        chunk = tokens[w * ctx : (w + 1) * ctx + 1][None]
+        target = chunk[0, 1:]
+        logp = {n: F.log_softmax(models[n](chunk[:, :-1]).logits[0].float(), dim=-1) for n in names}
+        base = logp[names[0]]
+        for n in names:
+            nll[n] -= logp[n].gather(1, target[:, None]).sum().item()
+            kl[n] += (base.exp() * (base - logp[n])).sum().item()
+        scored += ctx
+    return {n: {"ppl": math.exp(nll[n] / scored), "kl": kl[n] / scored, "tokens": scored} for n in names}
+
+
 def weight_stats(model: MixtralForCausalLM) -> dict[str, dict[str, float]]:
     out = {}
     for kind in KINDS:
-        ws = [m.weight.float().flatten() for n, m in model.named_modules() if n.endswith("." + kind)]
-        w = torch.cat(ws)
-        z = (w - w.mean()) / w.std()
         rows = [m.weight.float() for n, m in model.named_modules() if n.endswith("." + kind)]
+        w = torch.cat([r.flatten() for r in rows])
+        z = (w - w.mean()) / w.std()
         max_std = torch.cat([(r.abs().amax(1) / r.std(1)) for r in rows]).mean()
         out[kind] = {"kurtosis": float(z.pow(4).mean()), "row_max_over_std": float(max_std)}
     return out
 
 
 @torch.no_grad()
-def tokens_per_expert(model: MixtralForCausalLM, test: torch.Tensor, ctx: int) -> list[list[int]]:
+def tokens_per_expert(model: MixtralForCausalLM, tokens: torch.Tensor, ctx: int) -> list[list[int]]:
     assert model.cfg.moe is not None
     counts = torch.zeros(model.cfg.num_hidden_layers, model.cfg.moe.num_local_experts, dtype=torch.int64)
-    for w in range((len(test) - 1) // ctx):
-        out = model(test[w * ctx : (w + 1) * ctx][None], output_router_logits=True)
+    for w in range((len(tokens) - 1) // ctx):
+        out = model(tokens[w * ctx : (w + 1) * ctx][None], output_router_logits=True)
         for i, logits in enumerate(out.router_logits):
             counts[i] += torch.bincount(logits.topk(2).indices.flatten(), minlength=counts.shape[1])
     return counts.tolist()
 
 
-STARVED = 0.001  # share of a layer's top-2 slots below which an expert is listed as starved
-
-
 def training_lines(model: Path) -> list[str]:
-    """How the model was trained, phase by phase, from training_log.json (each phase keeps the one before)."""
+    """How the model was trained, from training_log.json."""
     path = model / "training_log.json"
     if not path.is_file():
         return []
-    phases = []
-    log: dict[str, Any] | None = json.loads(path.read_text())
-    while log is not None:
-        phases.append(log)
-        log = log.get("previous")
-    lines = ["Training (`scripts/train_tiny.py`), phase by phase:", ""]
-    for k, ph in enumerate(reversed(phases), 1):
-        a = ph["args"]
-        flags = (f"--steps {ph['steps_done']} --lr {a['lr']} --warmup {a['warmup']} --seed {a['seed']} "
-                 f"--schedule {a.get('schedule', 'cosine')}" + (" --init-from PHASE1" if a.get("init_from") else ""))
-        lines.append(f"- phase {k}: `{flags}`: {ph['train_tokens_seen']:,} tokens, {ph['seconds'] / 60:.0f} min "
-                     f"on {ph['threads']} thread(s), torch {ph['torch']}")
-    return lines
+    log: dict[str, Any] = json.loads(path.read_text())
+    a = log["args"]
+    sources = ", ".join(f"{k} {v['tokens']:,} tokens x {v['passes']:g}" for k, v in log.get("sources", {}).items())
+    return ["Training (`scripts/train_tiny.py`):", "",
+            f"- `--lr {a['lr']} --min-lr {a['min_lr']} --warmup {a['warmup']} --batch {a['batch']} --seq {a['seq']} "
+            f"--seed {a['seed']}{' --bf16' if a.get('bf16') else ''}`: {log['steps_done']} steps, "
+            f"{log['train_tokens_seen']:,} tokens, {log['seconds'] / 60:.0f} min on {log['threads']} threads, "
+            f"torch {log['torch']}", f"- sources (passes): {sources}"]
+
+
+def verdict(ok: bool) -> str:
+    return "meets" if ok else "**misses**"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--tokens", type=int, default=0, help="score only the first N tokens of wiki-test (0: all)")
+    ap.add_argument("--tokens", type=int, default=65536, help="tokens scored per text")
     args = ap.parse_args()
-    tok = Tokenizer(args.model)
-    test = load_dataset("wiki-test").tokens
-    if args.tokens:
-        test = test[: args.tokens + 1]
+    tok, n, ctx = Tokenizer(args.model), args.tokens, args.ctx
+    wiki = load_dataset("wiki-test").tokens
+    novel = load_dataset(CORPORA / f"{NOVEL}.txt").tokens[-(n + 1):]
     base = load_model(args.model)
-    res = model_perplexity(base, test, args.ctx)
-    ppl = res.ppl
-    print(f"wiki-test ppl {ppl:.2f}", flush=True)
-    uni = unigram_ppl(tok, test)
-    print(f"unigram ppl {uni:.2f}", flush=True)
-    rtn_ppl = {b: model_perplexity(rtn(load_model(args.model), b), test, args.ctx).ppl for b in (4, 3)}
-    print(f"rtn ppl {rtn_ppl}", flush=True)
-    full = load_dataset("wiki-test").tokens  # router statistics over the whole held-out split, not the head
-    experts = tokens_per_expert(base, full, args.ctx)
+    models = {"base": base, "rtn4": rtn(load_model(args.model), 4), "rtn3": rtn(load_model(args.model), 3)}
+    quality = {"wiki-test": lockstep(models, wiki[: n + 1], ctx), NOVEL: lockstep(models, novel, ctx)}
+    print(json.dumps(quality), flush=True)
+    share = n // len(TRAINING)
+    parts = [lockstep({"base": base}, load_dataset(CORPORA / f"{s}.txt").tokens[: share + 1], ctx)["base"]
+             for s in TRAINING]
+    train_ppl = math.exp(sum(math.log(p["ppl"]) * p["tokens"] for p in parts) / sum(p["tokens"] for p in parts))
+    scored_novel = novel[1 : 1 + quality[NOVEL]["base"]["tokens"]]
+    uni = unigram_ppl(tok, scored_novel)
+    experts = tokens_per_expert(base, wiki, ctx)
     slots = sum(experts[0])
-    starved = [f"layer {i} expert {e}: {c} of {slots}" for i, row in enumerate(experts) for e, c in enumerate(row)
-               if c < STARVED * slots]
+    shares = [[c / slots for c in row] for row in experts]
     trained, fresh = weight_stats(base), weight_stats(new_model(base.cfg, seed=0))
+    w, v = quality["wiki-test"], quality[NOVEL]
+    rise = {t: {b: 100 * (q[f"rtn{b}"]["ppl"] / q["base"]["ppl"] - 1) for b in ("4", "3")}
+            for t, q in (("wiki-test", w), (NOVEL, v))}
     report = {
-        "wiki_test_ppl": ppl,
-        "unigram_ppl": uni,
-        "ppl_over_unigram": ppl / uni,
-        "rtn_g128_ppl": {str(b): p for b, p in rtn_ppl.items()},
-        "rtn_g128_rise_percent": {str(b): 100 * (p / ppl - 1) for b, p in rtn_ppl.items()},
-        "tokens_per_expert": experts,
-        "dead_experts": sum(c == 0 for row in experts for c in row),
-        "starved_experts": starved,
-        "router_tokens": len(full) - 1,
-        "weights_trained": trained,
-        "weights_fresh_init": fresh,
-        "ctx": args.ctx,
-        "tokens_scored": res.tokens_scored,
+        "ctx": ctx, "tokens_per_text": n, "validation_novel": NOVEL,
+        "wiki_test_ppl": w["base"]["ppl"], "training_text_ppl": train_ppl,
+        "memorization_ratio": w["base"]["ppl"] / train_ppl,
+        "novel_ppl": v["base"]["ppl"], "novel_unigram_ppl": uni, "novel_over_unigram": v["base"]["ppl"] / uni,
+        "rtn_g128": {t: {b: {"ppl": q[f"rtn{b}"]["ppl"], "rise_percent": rise[t][b], "kl": q[f"rtn{b}"]["kl"]}
+                         for b in ("4", "3")} for t, q in (("wiki-test", w), (NOVEL, v))},
+        "tokens_per_expert": experts, "min_expert_share": min(min(r) for r in shares),
+        "router_tokens": len(wiki) - 1, "weights_trained": trained, "weights_fresh_init": fresh, "bars": BARS,
     }
     (args.model / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    mem, gen = report["memorization_ratio"], report["novel_over_unigram"]
+
+    def rtn_row(text: str, b: str, bar: float) -> str:
+        r = report["rtn_g128"][text][b]
+        return (f"| RTN g128 {b}-bit on {text}: perplexity rise (KL to the model) | {r['rise_percent']:.2f} % "
+                f"(KL {r['kl']:.4f}) | >= {bar:g} % | {verdict(r['rise_percent'] >= bar)} |")
+
     lines = [
         "# The embedded tiny Mixtral: what it learned",
         "",
-        f"Measured by `scripts/tiny_report.py --tokens {args.tokens}` on wiki-test "
-        f"({res.tokens_scored} tokens scored, windows of {args.ctx}, no overlap).",
+        f"Measured by `scripts/tiny_report.py --tokens {n}`: windows of {ctx} tokens, no overlap; "
+        f"{w['base']['tokens']:,} tokens of the head of wiki-test, the last {v['base']['tokens']:,} tokens of the "
+        f"held-out novel *Moby-Dick* (`calibration/corpora/{NOVEL}.txt`, never trained on: the training text "
+        f"holds no fiction), and {sum(p['tokens'] for p in parts):,} tokens of training text ({share:,} from the "
+        f"head of each of {', '.join(TRAINING)}).",
         "",
-        "| measure | value |",
-        "|---|---|",
-        f"| wiki-test perplexity | {ppl:.1f} |",
-        f"| unigram perplexity (train text, add-one) | {uni:.1f} |",
-        f"| ratio | {ppl / uni:.3f} |",
-        f"| RTN g128 4-bit perplexity rise | {report['rtn_g128_rise_percent']['4']:.3f} % |",
-        f"| RTN g128 3-bit perplexity rise | {report['rtn_g128_rise_percent']['3']:.3f} % |",
-        f"| dead experts (no token of all {len(full) - 1:,} wiki-test tokens) | {report['dead_experts']} |",
-        f"| starved experts (under {100 * STARVED:g} % of the slots) | {'; '.join(starved) or 'none'} |",
+        "| measure | value | bar | |",
+        "|---|---|---|---|",
+        f"| wiki-test perplexity | {w['base']['ppl']:.1f} | | |",
+        f"| training-text perplexity (same number of tokens) | {train_ppl:.1f} | | |",
+        f"| memorization: wiki-test / training text | {mem:.2f} | <= {BARS['memorization']} | "
+        f"{verdict(mem <= BARS['memorization'])} |",
+        f"| novel perplexity | {v['base']['ppl']:.1f} | | |",
+        f"| add-one unigram of the training text, same novel tokens | {uni:.1f} | | |",
+        f"| generalization: novel / unigram | {gen:.3f} | <= {BARS['generalization']} | "
+        f"{verdict(gen <= BARS['generalization'])} |",
+        rtn_row("wiki-test", "4", 1.0), rtn_row("wiki-test", "3", 4.0),
+        rtn_row(NOVEL, "4", 0.5), rtn_row(NOVEL, "3", 2.0),
+        f"| smallest expert share of the top-2 slots (wiki-test, all {len(wiki) - 1:,} tokens) | "
+        f"{100 * report['min_expert_share']:.2f} % | >= 2 % | {verdict(report['min_expert_share'] >= 0.02)} |",
         "",
-        f"Tokens per expert per layer (top-2 slots over all of wiki-test, {slots:,} per layer):",
+        f"Share of the top-2 slots per expert and layer over all of wiki-test ({slots:,} slots per layer; "
+        "uniform is 12.5 %):",
         "",
-        *[f"- layer {i}: {row}" for i, row in enumerate(experts)],
+        "| layer | " + " | ".join(f"expert {e}" for e in range(len(experts[0]))) + " |",
+        "|---" * (len(experts[0]) + 1) + "|",
+        *[f"| {i} | " + " | ".join(f"{100 * s:.1f} %" for s in row) + " |" for i, row in enumerate(shares)],
         "",
         "| module | kurtosis trained | kurtosis fresh | row max/std trained | row max/std fresh |",
         "|---|---|---|---|---|",

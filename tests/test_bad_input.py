@@ -188,6 +188,7 @@ def zero_samples_flag(c: Case) -> tuple[list[str | Path], list[str]]:
 def vocab_mismatch(c: Case) -> tuple[list[str | Path], list[str]]:
     shutil.rmtree(c.model)
     save_model(new_model(replace(CFG, vocab_size=256), seed=3), c.model)
+    shutil.copyfile(DEFAULT_MODEL / "tokenizer.model", c.model / "tokenizer.model")
     return c.quantize(), ["vocab", "256"]
 
 

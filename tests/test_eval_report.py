@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 
+from mixtral_quant.artifact import write_manifest
 from mixtral_quant.checkpoint import write_checkpoint
 from mixtral_quant.config import PRESETS, MoEArgs
 from mixtral_quant.errors import MixtralQuantError
@@ -148,6 +149,7 @@ def save_models(root: Path) -> tuple[Path, Path]:
     w8.mkdir()
     CFG.save(w8 / "config.json", extra={"quantization_config": method.quantization_config()})
     write_checkpoint(tensors.items(), w8)
+    write_manifest(w8, {})  # an artifact as the tool writes it: quantized folders are verified
     return base, w8
 
 

@@ -18,9 +18,10 @@ import onnx
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_bad_input import run_cli
 
 from mixtral_quant.cache import KVCache
-from mixtral_quant.checkpoint import CheckpointReader, write_checkpoint
+from mixtral_quant.checkpoint import DEFAULT_MODEL, CheckpointReader, load_config, write_checkpoint
 from mixtral_quant.config import MixtralConfig, MoEArgs
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export import (
@@ -41,9 +42,12 @@ from mixtral_quant.export import (
 )
 from mixtral_quant.export.common import LinearWeights, block_quant, open_variant, read_linear
 from mixtral_quant.export.ort_runner import OnnxDecoder, generate, generate_onnx, left_pad
+from mixtral_quant.export.record import op_lines, ops_label
 from mixtral_quant.generate import Sampling
 from mixtral_quant.model import MixtralForCausalLM
+from mixtral_quant.pipeline import quantize_model
 from mixtral_quant.quant import MethodName, QuantConfig, get_method
+from mixtral_quant.recipe import load_recipe
 from mixtral_quant.tokenizer import Tokenizer
 
 WINDOW = 8
@@ -275,7 +279,7 @@ def test_graph_layout(artifacts: dict[str, Path], tmp_path: Path) -> None:
 
 def test_output_folder_is_atomic(artifacts: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "onnx"
-    out.mkdir()
+    export_onnx(artifacts["fp32"], out, progress=False)  # an earlier export (it has a manifest)
     (out / "stale.txt").write_text("old")
     with pytest.raises(MixtralQuantError, match="already exists"):
         export_onnx(artifacts["fp32"], out, progress=False)
@@ -330,14 +334,18 @@ def test_block_forms_are_exact(artifacts: dict[str, Path], variant: str) -> None
         lin = read_linear(
             reader, "model.layers.1.block_sparse_moe.experts.2.w2", TINY.hidden_size, TINY.intermediate_size, quant
         )
-    form = block_quant(lin)
-    assert form is not None
-    block = form.block or lin.in_features
-    zeros = form.zeros if form.zeros is not None else np.full(form.scales.shape, 2 ** (form.bits - 1), np.uint8)
-    expanded = np.repeat(form.scales, block, 1) * (
-        form.codes.astype(np.float32) - np.repeat(zeros, block, 1).astype(np.float32)
-    )
-    np.testing.assert_array_equal(expanded, lin.dequantized())
+    stored = block_quant(lin)
+    assert stored is not None
+    per_row = variant in ("int8", "w8")  # one scale per row of K = 128; GPTQ groups of 32
+    assert stored.choices == ({None, 16, 32, 64, 128} if per_row else {16, 32})
+    for form in [stored.at(b) for b in stored.choices]:  # every re-blocking too: groups split, scales shared
+        block = form.block or lin.in_features
+        zeros = form.zeros if form.zeros is not None else np.full(form.scales.shape, 2 ** (form.bits - 1), np.uint8)
+        assert form.scales.shape == (lin.out_features, lin.in_features // block)
+        expanded = np.repeat(form.scales, block, 1) * (
+            form.codes.astype(np.float32) - np.repeat(zeros, block, 1).astype(np.float32)
+        )
+        np.testing.assert_array_equal(expanded, lin.dequantized())
 
 
 def test_act_order_gptq_falls_back_to_float() -> None:
@@ -403,3 +411,106 @@ TINY_ASSET = Path(__file__).resolve().parents[1] / "mixtral_quant" / "assets" / 
 def test_embedded_tiny_model(tmp_path: Path, target: Target) -> None:
     out = export_onnx(TINY_ASSET, tmp_path / "tiny", target, progress=False)
     assert max_error(TINY_ASSET, out) < 1e-3
+
+
+# A group as wide as the hidden size: w1/w3 have one group per row, w2 (K = intermediate) several.
+ROW_GROUP = replace(TINY, hidden_size=128, intermediate_size=256)
+
+
+def layer_ops(folder: Path, layers: int) -> list[dict[str, onnx.NodeProto]]:
+    """Per decoder layer, the node each attention projection and the experts became (by node scope)."""
+    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+    out: list[dict[str, onnx.NodeProto]] = [{} for _ in range(layers)]
+    for node in graph.node:
+        for i in range(layers):
+            for part in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                if node.name.startswith(f"/model.layers.{i}.self_attn.{part}/") and node.op_type != "Constant":
+                    out[i][part] = node
+            if node.name.startswith(f"/model.layers.{i}.block_sparse_moe/") and "MoE" in node.op_type:
+                out[i]["experts"] = node
+    return out
+
+
+def attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def init_shapes(folder: Path) -> dict[str, list[int]]:
+    graph = onnx.load(str(folder / MODEL_FILE), load_external_data=False).graph
+    return {t.name: list(t.dims) for t in graph.initializer}
+
+
+def test_one_group_per_row_experts_stay_qmoe(tmp_path: Path) -> None:
+    """hidden == group: w1/w3 hold one scale per row, w2 two groups per row. QMoE has one block_size
+    for fc1 and fc2, so w1/w3's row is split into blocks of the group (128) sharing its scale; q/k/v/o
+    become MatMulNBits with blocks of 128; the logits equal the dequantized PyTorch model's."""
+    cfg, group = ROW_GROUP, 128
+    assert cfg.hidden_size == group and cfg.intermediate_size == 2 * group
+    folder = save_artifact(random_model(cfg, seed=5), tmp_path / "gptq", QuantConfig(MethodName.GPTQ, 4, group))
+    out = export_onnx(folder, tmp_path / "onnx", Target.ORT, progress=False)
+    shapes = init_shapes(out)
+    e, m, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
+    for ops in layer_ops(out, cfg.num_hidden_layers):
+        qmoe = ops["experts"]
+        assert qmoe.op_type == "QMoE" and qmoe.domain == "com.microsoft"
+        assert attrs(qmoe)["block_size"] == group and attrs(qmoe)["expert_weight_bits"] == 4
+        assert shapes[qmoe.input[3]] == [e, 2 * i, m // group]  # fc1 scales: one block per w1/w3 row
+        assert shapes[qmoe.input[6]] == [e, m, i // group]  # fc2 scales: w2's two groups
+        heads_dim = cfg.num_attention_heads * cfg.head_dim
+        for part, k in (("q_proj", m), ("k_proj", m), ("v_proj", m), ("o_proj", heads_dim)):
+            node = ops[part]
+            assert node.op_type == "MatMulNBits", (part, node.op_type)
+            assert (attrs(node)["bits"], attrs(node)["block_size"], attrs(node)["K"]) == (4, group, k)
+    info = json.loads((out / EXPORT_INFO).read_text())
+    assert [layer["experts"] for layer in info["layers"]] == [["QMoE 4-bit block 128"]] * cfg.num_hidden_layers
+    assert max_error(folder, out) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def shipped_gptq(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded model quantized with the shipped gptq-w4g128 recipe (a short calibration)."""
+    root = tmp_path_factory.mktemp("shipped")
+    return quantize_model(DEFAULT_MODEL, load_recipe("gptq-w4g128", samples=4, seq_len=64), root / "gptq",
+                          progress=False)  # fmt: skip
+
+
+def test_shipped_gptq_recipe_exports_quantized_ops(
+    shipped_gptq: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`export onnx` of the shipped recipe's artifact: QMoE and MatMulNBits in every layer, as the
+    summary it prints and export.json say; the logits equal the dequantized PyTorch model's."""
+    cfg = load_config(DEFAULT_MODEL)
+    group = load_recipe("gptq-w4g128").quant.group_size
+    assert cfg.hidden_size % group == 0 and cfg.intermediate_size % group == 0
+    code, stdout, err = run_cli(["export", "onnx", shipped_gptq, "-o", tmp_path / "onnx"], monkeypatch, capsys)
+    assert code == 0, err
+    out = tmp_path / "onnx"
+    for ops in layer_ops(out, cfg.num_hidden_layers):
+        assert ops["experts"].op_type == "QMoE" and attrs(ops["experts"])["block_size"] == group
+        assert {p: ops[p].op_type for p in ("q_proj", "k_proj", "v_proj", "o_proj")} == dict.fromkeys(
+            ("q_proj", "k_proj", "v_proj", "o_proj"), "MatMulNBits"
+        )
+    info = json.loads((out / EXPORT_INFO).read_text())
+    expected = {"experts": [f"QMoE 4-bit block {group}"], "attention": [f"MatMulNBits 4-bit block {group}"]}
+    assert all({k: layer[k] for k in expected} == expected for layer in info["layers"])
+    assert len(info["layers"]) == cfg.num_hidden_layers
+    last = cfg.num_hidden_layers - 1
+    assert f"  layers 0-{last}  experts: QMoE 4-bit block {group}" in stdout.splitlines()
+    assert f"  layers 0-{last}  attention: MatMulNBits 4-bit block {group}" in stdout.splitlines()
+    assert ops_label(info) == f"experts QMoE 4-bit block {group}, attention MatMulNBits 4-bit block {group}"
+    assert max_error(shipped_gptq, out) < 1e-3
+
+
+def test_op_lines_group_layers_by_mapping() -> None:
+    """One summary line per distinct (component, ops), with the layers it covers as runs."""
+    gqa = ["RotaryEmbedding + GroupQueryAttention (attention_bias for padding)"]
+    q, f = ["QMoE 4-bit block 128"], ["MoE (dequantized float)"]
+    layers = [{"attention core": gqa, "experts": e} for e in (q, q, f, q, q)]
+    info = {"mappings": {"attention core": gqa, "embeddings": ["Gather (float)"], "experts": f + q}, "layers": layers}
+    assert op_lines(info) == [
+        f"layers 0-4  attention core: {gqa[0]}",
+        "layers 0-1, 3-4  experts: QMoE 4-bit block 128",
+        "layer 2  experts: MoE (dequantized float)",
+        "embeddings: Gather (float)",
+    ]
+    assert ops_label(info) == "experts MoE (dequantized float) / QMoE 4-bit block 128"

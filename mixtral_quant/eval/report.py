@@ -52,6 +52,7 @@ from mixtral_quant.eval.compare import Comparison
 from mixtral_quant.eval.memory import COMPONENTS, MemoryReport
 from mixtral_quant.eval.perplexity import PerplexityResult
 from mixtral_quant.eval.speed import SpeedResult
+from mixtral_quant.textfile import read_text
 
 SCHEMA_VERSION = 1
 REPORT_FILES = ("report.json", "report.md", "report.html")
@@ -127,6 +128,31 @@ def write_atomic(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+MODEL_MARKERS = ("config.json", "manifest.json", "model.safetensors", "model.safetensors.index.json", "model.onnx")
+
+
+def _is_our_report(path: Path) -> bool:
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(d, dict) and {"created", "tool_version", "baseline", "variants"} <= set(d)
+
+
+def check_report_folder(folder: Path) -> None:
+    """A report folder is made now (so a path that cannot be a folder fails before the work) and must hold
+    no model or artifact, and no report file this tool did not write: reports never replace others' files."""
+    for marker in MODEL_MARKERS:
+        if (folder / marker).exists():
+            raise MixtralQuantError(f"--report {folder} holds a model or artifact ({marker}): "
+                                    "write reports to a folder of their own")
+    existing = [n for n in REPORT_FILES if (folder / n).exists()]
+    if existing and not _is_our_report(folder / "report.json"):
+        raise MixtralQuantError(f"--report {folder} holds {existing[0]}, which mixtral-quant did not write: "
+                                "choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def write_reports(report: EvalReport, folder: Path) -> list[Path]:
@@ -333,9 +359,7 @@ Violation = BoundResult  # a BoundResult that did not pass
 def load_bounds(path: Path) -> dict[str, VariantBounds]:
     """Bounds per variant name from a TOML file (see the module docstring)."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MixtralQuantError(f"bounds file {path} does not exist") from None
+        data = tomllib.loads(read_text(path, "bounds file"))
     except tomllib.TOMLDecodeError as e:
         raise MixtralQuantError(f"bounds file {path} is not valid TOML: {e}") from None
     extra = sorted(set(data) - {"variants"})

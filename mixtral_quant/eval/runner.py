@@ -31,8 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import mixtral_quant
+from mixtral_quant.artifact import check_source
 from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization_config
-from mixtral_quant.config import MixtralConfig
+from mixtral_quant.config import MixtralConfig, function_differences
 from mixtral_quant.errors import CheckpointError, MixtralQuantError
 from mixtral_quant.eval.compare import compare
 from mixtral_quant.eval.data import load_dataset, tokenizer_for
@@ -44,6 +45,7 @@ from mixtral_quant.eval.report import (
     ModelResult,
     bound_results,
     check_names,
+    check_report_folder,
     gate_table,
     load_bounds,
     write_reports,
@@ -249,6 +251,7 @@ def evaluate(
     progress: bool = True,
     *,
     dtype: torch.dtype = torch.float32,
+    no_verify: bool = False,
 ) -> EvalReport:
     """Evaluate ``variants`` against ``baseline`` (model folders); see the module docstring.
 
@@ -259,11 +262,20 @@ def evaluate(
     dev = resolve_device(device)
     variants, baseline = [Path(v) for v in variants], Path(baseline)
     names = _unique_names(variants, baseline)
+    base_cfg = load_config(baseline)
+    for v in [baseline, *variants]:  # fail before hours of evaluation, not after
+        check_source(v, quantized=bool(quantization_config(v)), no_verify=no_verify)
+        diff = function_differences(base_cfg, load_config(v))
+        if diff:
+            raise MixtralQuantError(f"{v} is not a variant of the baseline {baseline}: {'; '.join(diff)}")
+    if ctx > base_cfg.max_position_embeddings:
+        raise MixtralQuantError(f"--ctx {ctx} is beyond the model's max_position_embeddings "
+                                f"{base_cfg.max_position_embeddings}")
     bounds = load_bounds(Path(check)) if check is not None else None
     if bounds is not None:
-        check_names(bounds, names)  # fail before hours of evaluation, not after
+        check_names(bounds, names)
     if report_dir is not None:
-        Path(report_dir).mkdir(parents=True, exist_ok=True)  # likewise for a folder that cannot be made
+        check_report_folder(Path(report_dir))  # likewise for a folder that cannot be made or is not ours
     data = load_dataset(dataset, tokenizer_for(baseline))
     windows = plan_windows(len(data.tokens), ctx, stride)
     folders = [baseline, *variants]
@@ -319,7 +331,8 @@ def _evaluate_model(folder: Path, run: _Run, base: _Loaded | None) -> tuple[_Loa
         if run.layer_sequential:
             loaded = _Loaded(folder.name, folder, None, CheckpointLayers(folder, run.dtype))
         else:
-            loaded = _Loaded(folder.name, folder, load_model(folder, dtype=run.dtype, device=device), None)
+            model = load_model(folder, dtype=run.dtype, device=device, no_verify=True)  # verified up front
+            loaded = _Loaded(folder.name, folder, model, None)
         outputs = tqdm(
             loaded.outputs(run, router=False),
             total=len(windows), desc=f"perplexity {folder.name}", unit="window", leave=False, disable=not run.progress,

@@ -24,6 +24,7 @@ from mixtral_quant.export.common import (
     Target,
 )
 from mixtral_quant.export.mixtral import export_onnx
+from mixtral_quant.export.record import export_summary
 
 __all__ = [
     "ATTENTION_MASK",
@@ -40,4 +41,5 @@ __all__ = [
     "NF4Experts",
     "Target",
     "export_onnx",
+    "export_summary",
 ]

@@ -6,6 +6,8 @@ the forms the graphs consume, each exact against ``get_method(cfg).dequantize(te
 - :class:`BlockQuant`: ``W[n, k] = (codes[n, k] - zero[n, g]) * scale[n, g]``, groups of ``block``
   along K (``block`` None: one group per output row). GPTQ/RTN 4- and 8-bit with ``g_idx == k //
   group`` and zeros in range; LLM.int8 (zero 128, scale SCB/127) and W8 (zero 128, weight_scale).
+  :func:`block_choices` lists the block sizes that write the same grid (a group split into
+  power-of-two blocks sharing its scale), :meth:`BlockQuant.at` re-blocks it.
 - :class:`Bnb4`: bitsandbytes NF4/FP4 codes as stored plus the (de-nested) absmax per block.
 - the dequantized float weight, always available (the standard target and every fallback).
 """
@@ -141,6 +143,38 @@ def read_linear(
     return LinearWeights(prefix, out_features, in_features, None, {"weight": reader.get(f"{prefix}.weight")})
 
 
+MAX_ROW_BLOCK = 128  # the largest block a row with one scale is cut into (MatMulNBits always needs blocks)
+
+
+def block_choices(block: int | None, in_features: int) -> frozenset[int | None]:
+    """The block sizes that write a grid of one scale per ``block`` inputs (None: per row) exactly.
+
+    A group splits into power-of-two blocks >= 16 that share its scale and zero (QMoE and
+    MatMulNBits take such block sizes); a row with one scale also stays one scale per row (None,
+    QMoE only), or splits into blocks of up to :data:`MAX_ROW_BLOCK`.
+    """
+    group = in_features if block is None else block
+    limit = MAX_ROW_BLOCK if block is None else group
+    sizes: set[int | None] = {b for b in (2**e for e in range(4, limit.bit_length())) if group % b == 0}
+    if block is None:
+        sizes.add(None)
+    return frozenset(sizes)
+
+
+def matmul_block(choices: frozenset[int | None]) -> int | None:
+    """The block MatMulNBits takes among ``choices``: the largest; None when none is a size."""
+    return max((b for b in choices if b is not None), default=None)
+
+
+def shared_block(choices: list[frozenset[int | None]]) -> tuple[bool, int | None]:
+    """(fits, block) for one QMoE over linears with these choices: per-row scales when every linear
+    allows them, else the largest block they all allow; ``fits`` False when they share none."""
+    common = frozenset.intersection(*choices) if choices else frozenset()
+    if not common:
+        return False, None
+    return True, None if None in common else matmul_block(common)
+
+
 @dataclass
 class BlockQuant:
     """``W[n, k] = (codes[n, k] - zeros[n, k // block]) * scales[n, k // block]``."""
@@ -149,7 +183,22 @@ class BlockQuant:
     scales: np.ndarray  # float32 [N, G]
     zeros: np.ndarray | None  # uint8 [N, G]; None: the default 2**(bits-1)
     bits: int
-    block: int | None  # None: one group per row (G == 1)
+    block: int | None  # inputs per scale as stored; None: one group per row (G == 1)
+
+    @property
+    def choices(self) -> frozenset[int | None]:
+        return block_choices(self.block, self.codes.shape[1])
+
+    def at(self, block: int | None) -> BlockQuant:
+        """The same weights in blocks of ``block`` (one of :attr:`choices`), each group's scale and
+        zero repeated over the blocks it splits into."""
+        if block == self.block:
+            return self
+        if block not in self.choices or block is None:
+            raise ValueError(f"blocks of {block} cannot express a grid of {self.block} (choices {self.choices})")
+        rep = (self.block or self.codes.shape[1]) // block
+        zeros = None if self.zeros is None else np.repeat(self.zeros, rep, axis=1)
+        return BlockQuant(self.codes, np.repeat(self.scales, rep, axis=1), zeros, self.bits, block)
 
 
 @dataclass
@@ -160,28 +209,21 @@ class Bnb4:
     quant_type: int  # MatMulBnb4: 0 FP4, 1 NF4
 
 
-def pow2_block(size: int, limit: int = 128) -> int | None:
-    """The largest power of two in [16, limit] dividing ``size``."""
-    b = limit
-    while b >= 16:
-        if size % b == 0:
-            return b
-        b //= 2
-    return None
-
-
 def _gptq_grid(lin: LinearWeights) -> tuple[int | None, torch.Tensor, torch.Tensor | None] | None:
-    """(block, scales [N, K/block], zeros [N, K/block] or None for the default) of a GPTQ linear.
+    """(block, scales [N, G], zeros [N, G] or None for the default) of a GPTQ linear, as stored
+    (block None: one group per row).
 
     Reads only ``scales``, ``g_idx`` and ``qzeros``. None when the grid has no block form: act-order
-    groups that are not contiguous runs of K, a v1 zero of 0 wrapped to ``2**bits``, a group size
-    with no power-of-two divisor >= 16, or a width other than 4 or 8 bits.
+    groups that are not contiguous runs of K, a v1 zero of 0 wrapped to ``2**bits``, or a width
+    other than 4 or 8 bits.
     """
     q, t = lin.quant, lin.tensors
     if q is None or q.bits not in (4, 8):
         return None
     k = lin.in_features
     groups = t["scales"].shape[0]
+    if groups == 0 or k % groups:
+        return None
     group = k // groups
     if not torch.equal(t["g_idx"].long(), torch.arange(k) // group):
         return None
@@ -189,30 +231,33 @@ def _gptq_grid(lin: LinearWeights) -> tuple[int | None, torch.Tensor, torch.Tens
     if int(zeros.min()) < 0 or int(zeros.max()) >= 2**q.bits:
         return None
     scales, zero_t = t["scales"].float().t().contiguous(), zeros.t().contiguous()
-    block: int | None = None
-    if groups > 1:
-        block = pow2_block(group, limit=group)
-        if block is None:
-            return None
-        rep = group // block  # split each group into power-of-two blocks sharing its scale and zero
-        scales, zero_t = scales.repeat_interleave(rep, 1), zero_t.repeat_interleave(rep, 1)
     default = bool((zero_t == 2 ** (q.bits - 1)).all())
-    return block, scales, None if default else zero_t
+    return (group if groups > 1 else None), scales, None if default else zero_t
 
 
-def block_signature(lin: LinearWeights) -> tuple[int, int | None, bool] | None:
-    """(bits, block, has_zeros) of :func:`block_quant`'s form; GPTQ needs no ``qweight`` for it."""
+@dataclass(frozen=True)
+class GridSignature:
+    """What :func:`block_quant`'s form of a linear allows, read without its codes."""
+
+    bits: int
+    choices: frozenset[int | None]  # block sizes that express it exactly (None: one scale per row)
+    has_zeros: bool
+
+
+def block_signature(lin: LinearWeights) -> GridSignature | None:
+    """The signature of :func:`block_quant`'s form; GPTQ needs no ``qweight`` for it."""
     q = lin.quant
     if q is None or q.method is MethodName.NF4:
         return None
     if q.method in (MethodName.INT8, MethodName.W8):
-        return 8, None, False
+        return GridSignature(8, block_choices(None, lin.in_features), False)
     grid = _gptq_grid(lin)
-    return None if grid is None else (q.bits, grid[0], grid[2] is not None)
+    return None if grid is None else GridSignature(q.bits, block_choices(grid[0], lin.in_features), grid[2] is not None)
 
 
 def block_quant(lin: LinearWeights) -> BlockQuant | None:
-    """The linear as integer codes with scales and zeros, exactly; None when it has no such form."""
+    """The linear as integer codes with scales and zeros on its stored grid, exactly; None when it
+    has no such form. :meth:`BlockQuant.at` re-blocks it."""
     q = lin.quant
     if q is None or q.method is MethodName.NF4:
         return None
@@ -256,7 +301,9 @@ def requantize(lin: LinearWeights, bits: int, block: int) -> BlockQuant:
 # What a target needs while it builds ------------------------------------------------------------------
 @dataclass
 class ExportContext:
-    """The artifact being exported and the choices made so far (``notes``: component -> ONNX mapping)."""
+    """The artifact being exported and the choices made so far: ``notes`` maps each component to the
+    ONNX ops it became, over the whole graph; ``layer_notes`` the same per decoder layer (``layer``
+    is the one being built, None outside the layers)."""
 
     cfg: MixtralConfig
     quant: QuantConfig | None
@@ -264,6 +311,8 @@ class ExportContext:
     dtype: ExportDtype
     nf4_experts: NF4Experts = NF4Experts.INT8
     notes: dict[str, set[str]] = field(default_factory=dict)
+    layer_notes: dict[int, dict[str, set[str]]] = field(default_factory=dict)
+    layer: int | None = None
 
     def linear(
         self, prefix: str, out_features: int, in_features: int, skip: frozenset[str] = frozenset()
@@ -276,6 +325,8 @@ class ExportContext:
 
     def note(self, component: str, mapping: str) -> None:
         self.notes.setdefault(component, set()).add(mapping)
+        if self.layer is not None:
+            self.layer_notes.setdefault(self.layer, {}).setdefault(component, set()).add(mapping)
 
 
 def rotary_cache(cfg: MixtralConfig, full: bool) -> tuple[np.ndarray, np.ndarray]:

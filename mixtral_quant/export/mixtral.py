@@ -29,17 +29,18 @@ from tqdm import tqdm
 from mixtral_quant import __version__
 from mixtral_quant.artifact import (
     STATE,
+    check_source,
+    output_lock,
     prepare_output,
     publish,
     read_manifest,
     remove_scraps,
     run_errors,
     sha256_file,
-    verify,
     write_json,
     write_manifest,
 )
-from mixtral_quant.errors import MixtralQuantError
+from mixtral_quant.errors import CheckpointError, MixtralQuantError
 from mixtral_quant.export.common import (
     ATTENTION_MASK,
     DATA_FILE,
@@ -63,6 +64,7 @@ from mixtral_quant.export.common import (
 from mixtral_quant.export.genai import write_genai_files
 from mixtral_quant.export.graph import ExternalData, GraphBuilder, save_model
 from mixtral_quant.export.ort import OrtOps
+from mixtral_quant.export.record import export_info
 from mixtral_quant.export.standard import StandardOps
 
 # Copied beside the graph when the variant has them, so `generate --backend onnx` finds its tokenizer.
@@ -143,7 +145,7 @@ def build_decoder(g: GraphBuilder, ctx: ExportContext, ops: TargetOps, progress:
     ctx.note("embeddings", "Gather (float)")
     h = ops.rms_norm(g, x, ctx.vector("model.layers.0.input_layernorm.weight"))
     for i in tqdm(range(cfg.num_hidden_layers), desc="export layers", disable=not progress):
-        g.scope = f"/model/layers.{i}"
+        g.scope, ctx.layer = f"/model/layers.{i}", i
         past_k, past_v = pasts[i]
         attn = ops.attention(g, i, h, past_k, past_v, present_names(i))
         h, x = ops.add_rms_norm(g, attn, x, ctx.vector(f"model.layers.{i}.post_attention_layernorm.weight"))
@@ -153,7 +155,7 @@ def build_decoder(g: GraphBuilder, ctx: ExportContext, ops: TargetOps, progress:
         h, x = ops.add_rms_norm(g, y, x, ctx.vector(next_norm))
         if on_layer is not None:
             on_layer(i)
-    g.scope = "/lm_head"
+    g.scope, ctx.layer = "/lm_head", None
     logits = float_matmul(g, ctx, h, lm_head_weight(ctx), "lm_head")
     ctx.note("lm_head", "MatMul (float)")
     if elem != TensorProto.FLOAT:
@@ -186,6 +188,7 @@ def export_onnx(
     *,
     nf4_experts: NF4Experts = NF4Experts.INT8,
     resume: bool = False,
+    no_verify: bool = False,
 ) -> Path:
     """Export the artifact folder ``variant`` to ``out``: model.onnx, model.onnx.data, export.json
     (source, choices, the op each component became), the variant's tokenizer files and a manifest.
@@ -196,9 +199,9 @@ def export_onnx(
     graph is derived again; the bytes already written are checked, not rewritten).
     """
     variant, out = Path(variant), Path(out)
-    with run_errors(out), open_variant(variant) as (cfg, quant, reader):  # a broken source fails here
+    with run_errors(out), output_lock(out), open_variant(variant) as (cfg, quant, reader):  # a broken source fails here
         identity = {
-            "source": source_identity(variant),
+            "source": source_identity(variant, quant is not None, no_verify),
             "target": target.value,
             "dtype": dtype.value,
             "nf4_experts": nf4_experts.value,
@@ -221,7 +224,12 @@ def export_onnx(
                     state = {"identity": identity, "layers_done": i + 1, "data_bytes": data.commit()}
                     write_json(work / STATE, state)
 
-            build_decoder(g, ctx, make_ops(target, ctx), progress, commit)
+            try:
+                build_decoder(g, ctx, make_ops(target, ctx), progress, commit)
+            except CheckpointError:
+                data.close()
+                shutil.rmtree(work, ignore_errors=True)  # a damaged source: nothing here can be resumed
+                raise
             data.commit()
         model_path = work / MODEL_FILE
         save_model(g.model(doc=f"{cfg.model_type} decoder exported by mixtral-quant from {variant.name}"), model_path)
@@ -238,33 +246,11 @@ def export_onnx(
         return publish(work, out)
 
 
-def source_identity(variant: Path) -> dict[str, str]:
-    """The variant's file hashes: from its manifest when it has one (checked), else computed."""
+def source_identity(variant: Path, quantized: bool, no_verify: bool = False) -> dict[str, str]:
+    """The variant's file hashes: from its manifest when it has one (checked), else computed; a
+    quantized folder without a manifest only with ``no_verify``."""
+    check_source(variant, quantized, no_verify)
     manifest = read_manifest(variant)
     if manifest is not None:
-        verify(variant)
         return dict(manifest["files"])
     return {p.name: sha256_file(p) for p in sorted(variant.iterdir()) if p.is_file()}
-
-
-def export_info(ctx: ExportContext, variant: Path, target: Target) -> dict[str, object]:
-    """What export.json records: the source, the choices, and the op each component became."""
-    cfg = ctx.cfg
-    return {
-        "source": str(variant),
-        "model_type": cfg.model_type,
-        "target": target.value,
-        "dtype": ctx.dtype.value,
-        "quantization": None if ctx.quant is None else ctx.quant.method.value,
-        "bits": None if ctx.quant is None else ctx.quant.bits,
-        "nf4_experts": ctx.nf4_experts.value,
-        # GroupQueryAttention writes into onnxruntime-genai's shared max-length KV buffer; Concat cannot
-        "past_present_share_buffer": target is Target.ORT,
-        "mappings": {k: sorted(v) for k, v in sorted(ctx.notes.items())},
-        "model_file": MODEL_FILE,
-        "data_file": DATA_FILE,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "num_key_value_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.head_dim,
-    }

@@ -10,12 +10,16 @@
   "q - k < window" exactly (checked numerically: ``sliding_window - 1`` does not). The bias lets a
   padding query see itself, as the reference does. GQA also accepts onnxruntime-genai's shared
   max-length KV buffer (``past_present_share_buffer``), the standard target's Concat does not;
-- linears: MatMulNBits (GPTQ 4/8-bit, LLM.int8 and W8 as 8-bit with zero point 128), MatMulBnb4
+- linears: MatMulNBits (GPTQ 4/8-bit, LLM.int8 and W8 as 8-bit with zero point 128; groups or whole
+  rows split into power-of-two blocks sharing their scale), MatMulBnb4
   (NF4 codes and absmax as stored), else MatMul on the float weight;
-- experts: QMoE when every expert linear has one block form (same bits and block): GPTQ 4/8-bit
-  with the artifact's scales and zero points, LLM.int8/W8 as 8-bit with one scale per row (no
-  ``block_size``: the CPU kernel then keeps fp32 activations; block-wise 8-bit would quantize
-  activations to int8), NF4 re-quantized to asymmetric 8- or 4-bit blocks (:class:`NF4Experts`).
+- experts: QMoE when every expert linear has a block form of the same bits and one block size fits
+  them all (QMoE has a single ``block_size`` for fc1 and fc2: a group is split into power-of-two
+  blocks sharing its scale, so w1/w3 with one group per row and w2 with several still fit; per-row
+  scales when every linear has one group per row): GPTQ 4/8-bit with the artifact's scales and zero
+  points, LLM.int8/W8 as 8-bit with one scale per row (no ``block_size``: the CPU kernel then
+  keeps fp32 activations; block-wise 8-bit would quantize activations to int8), NF4
+  re-quantized to asymmetric 8- or 4-bit blocks (:class:`NF4Experts`).
   Otherwise MoE on the dequantized float weights. Both take raw router logits and fc1 rows
   interleaved gate/up (g0, u0, g1, u1, ...), with all five inputs (fc1 bias left empty).
 """
@@ -39,10 +43,11 @@ from mixtral_quant.export.common import (
     block_signature,
     bnb4,
     float_matmul,
-    pow2_block,
+    matmul_block,
     requantize,
     rms_norm_ops,
     rotary_cache,
+    shared_block,
 )
 from mixtral_quant.export.graph import GraphBuilder
 from mixtral_quant.quant import MethodName
@@ -103,16 +108,15 @@ class OrtOps:
 
     def _linear(self, g: GraphBuilder, x: str, lin: LinearWeights, component: str) -> str:
         ctx, k, n = self.ctx, lin.in_features, lin.out_features
-        form = block_quant(lin)
-        block = None if form is None else (form.block or pow2_block(k))
-        if form is not None and block is not None:
-            rep = 1 if form.block else k // block  # a per-row scale repeated over power-of-two blocks
-            blocks = k // block
-            scales = np.repeat(form.scales, rep, axis=1).astype(ctx.dtype.numpy)  # [N, K/block]
-            codes = pack_codes(form.codes, form.bits).reshape(n, blocks, block * form.bits // 8)
+        stored = block_quant(lin)
+        block = None if stored is None else matmul_block(stored.choices)
+        if stored is not None and block is not None:
+            form = stored.at(block)  # groups split into power-of-two blocks sharing their scale
+            scales = form.scales.astype(ctx.dtype.numpy)  # [N, K/block]
+            codes = pack_codes(form.codes, form.bits).reshape(n, k // block, block * form.bits // 8)
             inputs = [x, g.initializer("qweight", codes), g.initializer("scales", scales)]
             if form.zeros is not None:
-                inputs.append(g.initializer("zero_points", pack_zeros(np.repeat(form.zeros, rep, axis=1), form.bits)))
+                inputs.append(g.initializer("zero_points", pack_zeros(form.zeros, form.bits)))
             ctx.note(component, f"MatMulNBits {form.bits}-bit block {block}")
             return g.ms("MatMulNBits", inputs, K=k, N=n, bits=form.bits, block_size=block, accuracy_level=0)[0]
         nf4 = bnb4(lin)
@@ -147,7 +151,7 @@ class OrtOps:
             local_window_size=cfg.sliding_window if cfg.sliding_window is not None else -1,
             do_rotary=0,
         )[0]
-        self.ctx.note("attention", "RotaryEmbedding + GroupQueryAttention (attention_bias for padding)")
+        self.ctx.note("attention core", "RotaryEmbedding + GroupQueryAttention (attention_bias for padding)")
         return self.linear(g, out, self.ctx.linear(f"{p}.o_proj", m, nh * d), "attention")
 
     def moe(self, g: GraphBuilder, layer: int, h: str) -> str:
@@ -210,7 +214,7 @@ def plan_experts(ctx: ExportContext, layer: int) -> ExpertPlan | None:
         if grid is None or cfg.hidden_size % grid[1] or cfg.intermediate_size % grid[1]:
             return None
         return grid[0], grid[1], True
-    sigs = set()
+    sigs = []
     for e in range(cfg.num_experts):
         for name, (o, i) in expert_shapes(cfg).items():
             sig = block_signature(
@@ -218,11 +222,11 @@ def plan_experts(ctx: ExportContext, layer: int) -> ExpertPlan | None:
             )
             if sig is None:
                 return None
-            sigs.add(sig)
-    if len({(bits, block) for bits, block, _ in sigs}) != 1:
+            sigs.append(sig)
+    if len({s.bits for s in sigs}) != 1:
         return None
-    bits, block, _ = next(iter(sigs))
-    return bits, block, any(z for _, _, z in sigs)
+    fits, block = shared_block([s.choices for s in sigs])  # one block_size for fc1 and fc2
+    return (sigs[0].bits, block, any(s.has_zeros for s in sigs)) if fits else None
 
 
 def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -230,15 +234,16 @@ def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return np.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
-def expert_form(ctx: ExportContext, layer: int, expert: int, name: str) -> BlockQuant:
+def expert_form(ctx: ExportContext, layer: int, expert: int, name: str, block: int | None) -> BlockQuant:
+    """The expert linear's codes, scales and zeros in blocks of ``block`` (the plan's)."""
     o, i = expert_shapes(ctx.cfg)[name]
     lin = ctx.linear(expert_prefix(layer, expert, name), o, i)
     grid = ctx.nf4_experts.grid
     if lin.quant is not None and lin.quant.method is MethodName.NF4 and grid is not None:
-        return requantize(lin, *grid)
+        return requantize(lin, *grid).at(block)
     form = block_quant(lin)
     assert form is not None, "plan_experts admitted a linear with no block form"
-    return form
+    return form.at(block)
 
 
 def float_experts(g: GraphBuilder, ctx: ExportContext, layer: int) -> tuple[str, str]:
@@ -268,13 +273,13 @@ def quantized_experts(
 
     def fc1_chunks() -> Iterator[np.ndarray]:
         for x in range(e):
-            f1, f3 = expert_form(ctx, layer, x, "w1"), expert_form(ctx, layer, x, "w3")
+            f1, f3 = expert_form(ctx, layer, x, "w1", block), expert_form(ctx, layer, x, "w3", block)
             grids["fc1"].append((interleave(f1.scales, f3.scales), interleave(zeros_of(f1), zeros_of(f3))))
             yield pack_codes(interleave(f1.codes, f3.codes), bits)
 
     def fc2_chunks() -> Iterator[np.ndarray]:
         for x in range(e):
-            f2 = expert_form(ctx, layer, x, "w2")
+            f2 = expert_form(ctx, layer, x, "w2", block)
             grids["fc2"].append((f2.scales, zeros_of(f2)))
             yield pack_codes(f2.codes, bits)
 

@@ -10,7 +10,6 @@ list says how many layers there are and the KV dtype and shape, so a folder from
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from mixtral_quant.artifact import MANIFEST, verify
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export.common import (
     ATTENTION_MASK,
-    EXPORT_INFO,
     INPUT_IDS,
     LOGITS,
     MODEL_FILE,
@@ -30,6 +28,7 @@ from mixtral_quant.export.common import (
     PAST_VALUE,
 )
 from mixtral_quant.export.graph import check_external_data
+from mixtral_quant.export.record import read_export_info
 from mixtral_quant.generate import Sampling, sample_next
 
 Past = dict[str, np.ndarray]
@@ -67,8 +66,8 @@ class OnnxDecoder:
         self.past_names = [name for i in range(self.num_layers) for name in (PAST_KEY % i, PAST_VALUE % i)]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.vocab_size = int(next(o for o in self.session.get_outputs() if o.name == LOGITS).shape[-1])
-        info = Path(folder) / EXPORT_INFO
-        self.context = json.loads(info.read_text()).get("max_position_embeddings") if info.is_file() else None
+        info = read_export_info(Path(folder))
+        self.context: int | None = None if info is None else info.get("max_position_embeddings")
 
     def check_length(self, total: int) -> None:
         """MixtralQuantError when ``total`` positions exceed the exported rotary tables."""

@@ -100,7 +100,7 @@ class StandardOps:
         probs = self.to_model(g, g.op("Softmax", scores, axis=-1))
         out = g.op("MatMul", probs, g.op("Unsqueeze", values, g.i64(2)))  # [B, G, rep, S, D]
         out = g.op("Reshape", g.op("Transpose", out, perm=[0, 3, 1, 2, 4]), g.i64(0, 0, nh * d))  # [B, S, H*D]
-        ctx.note("attention", "MatMul/Softmax attention with explicit causal+window+padding mask")
+        ctx.note("attention core", "MatMul/Softmax attention with explicit causal+window+padding mask")
         return self.linear(g, out, ctx.linear(f"{p}.o_proj", m, nh * d), "attention")
 
     def moe(self, g: GraphBuilder, layer: int, h: str) -> str:
