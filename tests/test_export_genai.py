@@ -17,6 +17,7 @@ from conftest import SMALL_MIXTRAL, save_model
 from safetensors.torch import save_file
 from sentencepiece import sentencepiece_model_pb2 as sp_pb
 
+from mixtral_quant.artifact import write_manifest
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export import MODEL_FILE, Target, export_onnx
 from mixtral_quant.export.genai import (
@@ -92,6 +93,7 @@ def variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     save_file(tensors, str(gptq / "model.safetensors"))
     model.cfg.save(gptq / "config.json", {"quantization_config": method.quantization_config()})
     shutil.copyfile(fp32 / "tokenizer.model", gptq / "tokenizer.model")
+    write_manifest(gptq, {})  # quantized folders are read only with a manifest, as the tool writes them
     return {"fp32": fp32, "gptq4": gptq}
 
 
