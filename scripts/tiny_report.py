@@ -154,7 +154,7 @@ def main() -> None:
         "rtn_g128": {t: {b: {"ppl": q[f"rtn{b}"]["ppl"], "rise_percent": rise[t][b], "kl": q[f"rtn{b}"]["kl"]}
                          for b in ("4", "3")} for t, q in (("wiki-test", w), (NOVEL, v))},
         "tokens_per_expert": experts, "min_expert_share": min(min(r) for r in shares),
-        "router_tokens": len(wiki) - 1, "weights_trained": trained, "weights_fresh_init": fresh, "bars": BARS,
+        "router_tokens": slots // 2, "weights_trained": trained, "weights_fresh_init": fresh, "bars": BARS,
     }
     (args.model / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     mem, gen = report["memorization_ratio"], report["novel_over_unigram"]
@@ -185,7 +185,7 @@ def main() -> None:
         f"{verdict(gen <= BARS['generalization'])} |",
         rtn_row("wiki-test", "4", 1.0), rtn_row("wiki-test", "3", 4.0),
         rtn_row(NOVEL, "4", 0.5), rtn_row(NOVEL, "3", 2.0),
-        f"| smallest expert share of the top-2 slots (wiki-test, all {len(wiki) - 1:,} tokens) | "
+        f"| smallest expert share of the top-2 slots (wiki-test, all {slots // 2:,} tokens) | "
         f"{100 * report['min_expert_share']:.2f} % | >= 2 % | {verdict(report['min_expert_share'] >= 0.02)} |",
         "",
         f"Share of the top-2 slots per expert and layer over all of wiki-test ({slots:,} slots per layer; "

@@ -367,7 +367,7 @@ def test_sharded_artifact(artifacts: dict[str, Path], tmp_path: Path) -> None:
     with CheckpointReader(src) as reader:
         assert len(write_checkpoint(((n, reader.get(n)) for n in reader.names), folder, max_shard_bytes=50_000)) > 2
     shutil.copyfile(src / "config.json", folder / "config.json")
-    with pytest.raises(MixtralQuantError, match="no manifest.json"):  # a quantized folder we did not write
+    with pytest.raises(MixtralQuantError, match=r"no manifest\.json"):  # a quantized folder we did not write
         export_onnx(folder, tmp_path / "onnx", progress=False)
     assert max_error(src, export_onnx(folder, tmp_path / "onnx", progress=False, no_verify=True)) < 1e-4
 
