@@ -19,15 +19,33 @@ import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
+from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
 from .quant import MethodName, QuantConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-RECIPES = ROOT / "calibration" / "recipes"
-CORPORA = ROOT / "calibration" / "corpora"
+
+def _calibration_dir() -> Path:
+    """The folder of recipes/, bounds/ and corpora/.
+
+    The repository keeps calibration/ at its top level; pyproject's package-dir installs it as the package
+    ``mixtral_quant.calibration`` with what the tool reads at run time (recipes, bounds, wiki-train,
+    wiki-test, moby-dick, PROVENANCE.md; not the training-only corpora), which a wheel and an editable
+    install both import. Without it (an editable install made before that mapping, or a checkout on
+    PYTHONPATH): the checkout's calibration/.
+    """
+    try:
+        return Path(str(resources.files("mixtral_quant.calibration")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "calibration"
+
+
+CALIBRATION = _calibration_dir()
+RECIPES = CALIBRATION / "recipes"
+CORPORA = CALIBRATION / "corpora"
+BOUNDS = CALIBRATION / "bounds"
 
 
 class ExpertPolicy(str, Enum):

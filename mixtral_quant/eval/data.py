@@ -2,6 +2,8 @@
 
 * ``wiki-test``: the committed ``calibration/corpora/wiki-test.txt`` (40 Wikipedia articles, about
   249k Mixtral tokens; see its PROVENANCE.md), the project's standard perplexity set;
+* ``moby-dick``: the committed ``calibration/corpora/moby-dick.txt`` (Melville's novel, public domain,
+  about 316k tokens, held out from the tiny model's training like wiki-test; "= Heading =" lines too);
 * a path to a UTF-8 ``.txt`` file;
 * ``wikitext2``: WikiText-2 (raw) test split through the ``datasets`` library, joined with
   "\\n\\n" as in the Hugging Face perplexity guide. Used only when ``datasets`` is installed and
@@ -27,11 +29,13 @@ from typing import Any
 import torch
 
 from mixtral_quant.errors import MixtralQuantError
+from mixtral_quant.recipe import CORPORA
+from mixtral_quant.textfile import read_text
 from mixtral_quant.tokenizer import Tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-WIKI_TEST = ROOT / "calibration" / "corpora" / "wiki-test.txt"
-DEFAULT_TOKENIZER = ROOT / "mixtral_quant" / "assets" / "tiny-mixtral" / "tokenizer.model"
+WIKI_TEST = CORPORA / "wiki-test.txt"
+MOBY_DICK = CORPORA / "moby-dick.txt"
+DEFAULT_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "tiny-mixtral" / "tokenizer.model"
 WIKITEXT2 = ("Salesforce/wikitext", "wikitext-2-raw-v1", "test")
 TOKENIZATION = "BOS + sentencepiece encoding of the whole text as one string; no EOS"
 
@@ -42,12 +46,21 @@ class DatasetError(MixtralQuantError):
 
 class Builtin(str, Enum):
     WIKI_TEST = "wiki-test"
+    MOBY_DICK = "moby-dick"
     WIKITEXT2 = "wikitext2"
+
+
+# The shipped text datasets: the file read, and the source named in reports (the same in a checkout and
+# an installed wheel, which holds these files under mixtral_quant/calibration/corpora/).
+SHIPPED = {
+    Builtin.WIKI_TEST.value: (WIKI_TEST, "calibration/corpora/wiki-test.txt"),
+    Builtin.MOBY_DICK.value: (MOBY_DICK, "calibration/corpora/moby-dick.txt"),
+}
 
 
 @dataclass(frozen=True)
 class EvalDataset:
-    name: str  # "wiki-test", "wikitext2" or the file name
+    name: str  # "wiki-test", "moby-dick", "wikitext2" or the file name
     source: str  # the file read, or the Hugging Face dataset
     sha256: str  # of the text (UTF-8)
     tokens: torch.Tensor  # int64 [N], BOS first
@@ -78,16 +91,17 @@ def encode(text: str, tokenizer: Path) -> torch.Tensor:
 
 
 def load_dataset(spec: str | Path, tokenizer: Path = DEFAULT_TOKENIZER) -> EvalDataset:
-    """The token stream of ``spec``: "wiki-test", "wikitext2" or a .txt path."""
+    """The token stream of ``spec``: "wiki-test", "moby-dick", "wikitext2" or a .txt path."""
     name = str(spec)
-    if name == Builtin.WIKI_TEST.value:
-        text, source = _read_text(WIKI_TEST), str(WIKI_TEST.relative_to(ROOT))
+    if name in SHIPPED:
+        path, source = SHIPPED[name]
+        text = _read_text(path)
     elif name == Builtin.WIKITEXT2.value:
         text, source = _wikitext2_text(), "hf:{} {} split={}".format(*WIKITEXT2)
     else:
         path = Path(spec)
         if path.suffix != ".txt":
-            raise DatasetError(f"dataset {name!r} is not wiki-test, wikitext2 or a path to a .txt file")
+            raise DatasetError(f"dataset {name!r} is not wiki-test, moby-dick, wikitext2 or a path to a .txt file")
         text, source, name = _read_text(path), str(path), path.name
     if not text.strip():
         raise DatasetError(f"dataset {name} is empty")
@@ -96,12 +110,7 @@ def load_dataset(spec: str | Path, tokenizer: Path = DEFAULT_TOKENIZER) -> EvalD
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DatasetError(f"dataset file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise DatasetError(f"dataset file {path} is not UTF-8 text ({e})") from None
+    return read_text(path, "dataset file", DatasetError)
 
 
 def _hf_cached() -> bool:
