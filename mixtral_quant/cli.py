@@ -208,7 +208,7 @@ def export_onnx_cmd(variant: Path | None, out: Path, target: str, dtype: str, nf
 @click.option("--model", type=click.Path(path_type=Path), help=MODEL_HELP)
 @click.option("--recipe", "recipes", multiple=True, help="Only these recipes (repeatable). Default: all shipped.")
 @click.option("--samples", default=32, show_default=True, type=int, help="Calibration sequences per recipe.")
-@click.option("--eval-tokens", default=16384, show_default=True, type=int, help="Tokens of wiki-test to score.")
+@click.option("--eval-tokens", default=8192, show_default=True, type=int, help="Tokens of wiki-test to score.")
 @click.option("--check", type=click.Path(path_type=Path), help="Bounds TOML for the regression gate.")
 @click.option("--no-onnx", is_flag=True, help="Skip the ONNX exports.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)

@@ -44,7 +44,7 @@ def run_demo(
     model: Path | None = None,
     recipes: list[str] | None = None,
     samples: int = 32,
-    eval_tokens: int = 16384,
+    eval_tokens: int = 8192,
     ctx: int = 512,
     check: Path | None = None,
     onnx: bool = True,

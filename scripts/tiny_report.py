@@ -79,6 +79,7 @@ def lockstep(models: dict[str, MixtralForCausalLM], tokens: torch.Tensor, ctx: i
     return {n: {"ppl": math.exp(nll[n] / scored), "kl": kl[n] / scored, "tokens": scored} for n in names}
 
 
+@torch.no_grad()
 def weight_stats(model: MixtralForCausalLM) -> dict[str, dict[str, float]]:
     out = {}
     for kind in KINDS:
@@ -149,6 +150,7 @@ def main() -> None:
     report = {
         "ctx": ctx, "tokens_per_text": n, "validation_novel": NOVEL,
         "wiki_test_ppl": w["base"]["ppl"], "training_text_ppl": train_ppl,
+        "training_text_ppl_by_source": {src: p["ppl"] for src, p in zip(TRAINING, parts, strict=True)},
         "memorization_ratio": w["base"]["ppl"] / train_ppl,
         "novel_ppl": v["base"]["ppl"], "novel_unigram_ppl": uni, "novel_over_unigram": v["base"]["ppl"] / uni,
         "rtn_g128": {t: {b: {"ppl": q[f"rtn{b}"]["ppl"], "rise_percent": rise[t][b], "kl": q[f"rtn{b}"]["kl"]}
@@ -177,6 +179,9 @@ def main() -> None:
         "|---|---|---|---|",
         f"| wiki-test perplexity | {w['base']['ppl']:.1f} | | |",
         f"| training-text perplexity (same number of tokens) | {train_ppl:.1f} | | |",
+        "| by source: " + ", ".join(f"{src} {p['ppl']:.1f}" for src, p in zip(TRAINING, parts, strict=True))
+        + " | | | |",
+        f"| same domain: wiki-test / wiki-train | {w['base']['ppl'] / parts[0]['ppl']:.2f} | | |",
         f"| memorization: wiki-test / training text | {mem:.2f} | <= {BARS['memorization']} | "
         f"{verdict(mem <= BARS['memorization'])} |",
         f"| novel perplexity | {v['base']['ppl']:.1f} | | |",
