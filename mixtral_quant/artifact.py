@@ -213,7 +213,8 @@ def output_lock(out: Path) -> Iterator[None]:
     removed between our open and our flock is retried, so two runs never both believe they hold it."""
     check_out_path(out)
     path = out.with_name(f".{out.name}.lock")
-    path.parent.mkdir(parents=True, exist_ok=True)  # the folder that will hold OUT
+    if not path.parent.exists():  # the folder that will hold OUT (a file there fails as Not a directory)
+        path.parent.mkdir(parents=True)
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
