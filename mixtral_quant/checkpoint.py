@@ -230,9 +230,9 @@ def check_finite(name: str, t: torch.Tensor, where: Path) -> None:
 
 
 def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], folder: Path) -> None:
+    """CheckpointError when a tensor read by :meth:`CheckpointReader.get` (finite already) is mis-shaped."""
     if tuple(t.shape) != shape:
         raise CheckpointError(f"tensor {name} in {folder} has shape {tuple(t.shape)}, the config needs {shape}")
-    check_finite(name, t, folder)
 
 
 def write_checkpoint(

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -54,6 +53,7 @@ from mixtral_quant.eval.speed import measure_speed
 from mixtral_quant.loading import load_model, quant_config_from_hf
 from mixtral_quant.model import DecoderLayer, MixtralForCausalLM, RMSNorm
 from mixtral_quant.quant import get_method
+from mixtral_quant.sizes import free_bytes
 
 FIT_SHARE = 0.4  # of free device memory one model's weights may take in plain mode
 
@@ -213,12 +213,6 @@ def _weights_bytes(folder: Path, dtype: torch.dtype) -> int:
         return sum(r.nbytes(n) * size // floats[r.dtype(n)] if r.dtype(n) in floats else r.nbytes(n) for n in r.names)
 
 
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    return int(psutil.virtual_memory().available)
-
-
 def _disk_tensors(folder: Path) -> list[tuple[str, int]]:
     with CheckpointReader(folder) as r:
         return [(n, r.nbytes(n)) for n in r.names]
@@ -280,7 +274,7 @@ def evaluate(
     windows = plan_windows(len(data.tokens), ctx, stride)
     folders = [baseline, *variants]
     if layer_sequential is None:
-        free = _free_bytes(dev)
+        free = free_bytes(dev)
         layer_sequential = any(_weights_bytes(f, dtype) > FIT_SHARE * free for f in folders)
     run = _Run(data.tokens, windows, ctx, stride or ctx, dev, dtype, layer_sequential, progress)
     bar = tqdm(folders, desc="models", unit="model", disable=not progress)
