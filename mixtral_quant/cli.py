@@ -45,6 +45,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       mixtral-quant quantize [MODEL] --recipe gptq-w4g128 --out exports/gptq
       mixtral-quant eval exports/gptq --baseline MODEL
       mixtral-quant export onnx exports/gptq --out exports/gptq-onnx
+      mixtral-quant export gguf exports/gptq --type q4_0 --out exports/gptq.gguf
     """
     ctx.obj = {"debug": debug}
 
@@ -137,7 +138,13 @@ def quantize(
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 def verify(artifact: Path) -> None:
-    """Check every file of ARTIFACT against the sha256 hashes in its manifest."""
+    """Check every file of ARTIFACT (a folder, or a .gguf file) against the sha256 hashes in its manifest."""
+    if artifact.suffix == ".gguf" and not artifact.is_dir():
+        from .export.gguf import manifest_path, verify_gguf
+
+        verify_gguf(artifact)
+        click.echo(f"ok: {artifact} matches {manifest_path(artifact)}")
+        return
     from .artifact import verify as run
 
     manifest = run(artifact)
@@ -201,6 +208,47 @@ def export_onnx_cmd(variant: Path | None, out: Path, target: str, dtype: str, nf
     if not quiet:
         click.echo(export_summary(path))
     click.echo(f"wrote {path}")
+
+
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+
+
+@export.command("gguf")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="The .gguf file to write.")
+@click.option("--type", "type_", type=click.Choice(GGUF_TYPES), default="f16", show_default=True,
+              help="Type of the decoder's linears (experts, attention). q4_0 / q8_0 keep an artifact's own codes "
+                   "when its grid is that type (symmetric 4-/8-bit, groups a multiple of 32, as gptq-w4g32 or "
+                   "gptq-w4g128); anything else is re-quantized with llama.cpp's round-to-nearest.")
+@click.option("--embedding-type", type=click.Choice(GGUF_TYPES), help="token_embd's type. Default: --type.")
+@click.option("--output-type", type=click.Choice(GGUF_TYPES),
+              help="The output head's type. Default: --type, or q8_0 when --type is q4_0.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT written by mixtral-quant.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or closing table.")
+@click.option("--no-verify", is_flag=True, help="Read a quantized folder that has no manifest.json, unchecked.")
+def export_gguf_cmd(source: Path | None, out: Path, type_: str, embedding_type: str | None, output_type: str | None,
+                    overwrite: bool, quiet: bool, no_verify: bool) -> None:
+    """Write SOURCE (a float model or an artifact) as one GGUF file that llama.cpp runs.
+
+    \b
+    Tensors stream one layer at a time; OUT appears only when complete, with OUT.manifest.json
+    (sha256, source, the type each component became). For example:
+      mixtral-quant quantize --recipe gptq-w4g32 --out exports/gptq-w4g32
+      mixtral-quant export gguf exports/gptq-w4g32 --type q4_0 --out exports/tiny-q4_0.gguf
+      llama-cli -m exports/tiny-q4_0.gguf -p "The history of"
+    """
+    from .checkpoint import resolve_model
+    from .export.gguf import GGUFOptions, GGUFType, export_gguf, gguf_summary
+
+    opts = GGUFOptions(GGUFType(type_), GGUFType(embedding_type) if embedding_type else None,
+                       GGUFType(output_type) if output_type else None)
+    result = export_gguf(resolve_model(source), out, opts, overwrite, progress=not quiet, no_verify=no_verify)
+    if not quiet:
+        click.echo(gguf_summary(result))
+    else:
+        for warning in result.warnings:
+            click.echo(f"warning: {warning}", err=True)
+    click.echo(f"wrote {result.path}")
 
 
 @cli.command()
