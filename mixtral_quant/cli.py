@@ -210,7 +210,7 @@ def export_onnx_cmd(variant: Path | None, out: Path, target: str, dtype: str, nf
     click.echo(f"wrote {path}")
 
 
-GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q4_0"]
 
 
 @export.command("gguf")
@@ -219,10 +219,11 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q4_0"]
 @click.option("--type", "type_", type=click.Choice(GGUF_TYPES), default="f16", show_default=True,
               help="Type of the decoder's linears (experts, attention). q4_0 / q8_0 keep an artifact's own codes "
                    "when its grid is that type (symmetric 4-/8-bit, groups a multiple of 32, as gptq-w4g32 or "
-                   "gptq-w4g128); anything else is re-quantized with llama.cpp's round-to-nearest.")
+                   "gptq-w4g128); anything else is re-quantized with llama.cpp's round-to-nearest (q6_k: "
+                   "ggml's reference Q6_K).")
 @click.option("--embedding-type", type=click.Choice(GGUF_TYPES), help="token_embd's type. Default: --type.")
 @click.option("--output-type", type=click.Choice(GGUF_TYPES),
-              help="The output head's type. Default: --type, or q8_0 when --type is q4_0.")
+              help="The output head's type. Default: --type, or q6_k when --type is q4_0 (as llama-quantize).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT written by mixtral-quant.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or closing table.")
 @click.option("--no-verify", is_flag=True, help="Read a quantized folder that has no manifest.json, unchecked.")

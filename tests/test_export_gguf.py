@@ -10,18 +10,26 @@ import llama_cpp
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_MISTRAL, save_model
+from test_bad_input import assert_one_line_error, run_cli
 
 from mixtral_quant.checkpoint import DEFAULT_MODEL, load_config
 from mixtral_quant.export.common import BlockQuant, open_variant, read_linear
 from mixtral_quant.export.gguf import GGUFOptions, GGUFType, export_gguf, manifest_path, verify_gguf
-from mixtral_quant.export.gguf_blocks import gguf_grid, pack_q4_0, pack_q8_0, rope_rows, unrope_rows
-from mixtral_quant.export.gguf_read import gguf_weights
+from mixtral_quant.export.gguf_blocks import (
+    Q6_K_BYTES,
+    gguf_grid,
+    pack_q4_0,
+    pack_q8_0,
+    quantize_q6_k,
+    rope_rows,
+    unrope_rows,
+)
+from mixtral_quant.export.gguf_read import gguf_to_folder, gguf_weights
 from mixtral_quant.loading import load_model
 from mixtral_quant.pipeline import quantize_model
 from mixtral_quant.recipe import load_recipe
 from mixtral_quant.tokenizer import Tokenizer
-from conftest import SMALL_MISTRAL, save_model
-from test_bad_input import assert_one_line_error, run_cli
 
 PROMPT = "The history of the city begins in the early nineteenth century, when"
 NEW_TOKENS = 16
@@ -104,6 +112,21 @@ def test_block_types_hold_our_codes(artifacts: dict[str, Path], tmp_path: Path, 
     assert np.abs(logits - ref).max() <= TOLERANCE[qtype]
 
 
+def test_default_q4_0_file_runs_in_llama_cpp(artifacts: dict[str, Path], tmp_path: Path) -> None:
+    """The shipped gptq-w4g32 recipe exported with the defaults (Q4_0, token_embd Q4_0, output Q6_K
+    as llama-quantize lays a Q4_0 file out): llama.cpp runs it like our model on the same weights,
+    read back from the file (gguf-py's dequantizers), within the Q4_0 tolerance."""
+    result = export_gguf(artifacts["gptq-w4g32"], tmp_path / "q4_0.gguf", GGUFOptions(GGUFType.Q4_0), progress=False)
+    assert result.record["types"] == {"linear": "q4_0", "embedding": "q4_0", "output": "q6_k"}
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(result.path).tensors}
+    assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_0"
+    back = gguf_to_folder(result.path, artifacts["gptq-w4g32"], tmp_path / "back")
+    ids, seq, ref = reference_run(back)
+    greedy, logits = llama_run(result.path, ids, seq)
+    assert greedy == seq
+    assert np.abs(logits - ref).max() <= TOLERANCE[GGUFType.Q4_0]
+
+
 def dequantized_weights(folder: Path) -> dict[str, np.ndarray]:
     """Every tensor of the artifact in float32 under its Hugging Face name (linears dequantized)."""
     out = {}
@@ -142,13 +165,35 @@ def test_other_grids_are_requantized_and_say_so(artifacts: dict[str, Path], tmp_
     result = export_gguf(artifacts["nf4"], tmp_path / "nf4.gguf", GGUFOptions(GGUFType.Q4_0), progress=False)
     assert result.record["mappings"]["experts"] == ["Q4_0 (re-quantized)"]
     assert result.record["mappings"]["embeddings"] == ["Q4_0 (re-quantized from float)"]
-    assert result.record["mappings"]["lm_head"] == ["Q8_0 (re-quantized from float)"]
+    assert result.record["mappings"]["lm_head"] == ["Q6_K (re-quantized from float)"]
     reader = gguf.GGUFReader(result.path)
     stored = {t.name: t for t in reader.tensors}["blk.0.ffn_down_exps.weight"]
     with open_variant(artifacts["nf4"]) as (cfg, quant, src):
         w2 = read_linear(src, "model.layers.0.block_sparse_moe.experts.3.w2", cfg.hidden_size,
                          cfg.intermediate_size, quant).dequantized()
     assert np.array_equal(stored.data[3], gguf.quants.quantize(w2, gguf.GGMLQuantizationType.Q4_0))
+
+
+def test_q6_k_decodes_to_its_own_grid() -> None:
+    """Our Q6_K bytes, read by gguf-py: every value is d * scale * (q - 32) with q in 0..63 on each
+    block's grid, and the rounding error stays within half a step of each 16-value sub-block."""
+    gen = np.random.default_rng(1)
+    w = (gen.standard_normal((8, 512)) * np.exp(gen.standard_normal((8, 1)))).astype(np.float32)
+    w[0, :16] = 0  # a silent sub-block
+    packed = quantize_q6_k(w)
+    assert packed.shape == (8, 2 * Q6_K_BYTES)
+    back = gguf.quants.dequantize(packed, gguf.GGMLQuantizationType.Q6_K)
+    blocks = packed.reshape(-1, Q6_K_BYTES)
+    d = blocks[:, -2:].copy().view(np.float16).astype(np.float32)[:, 0]
+    sc = blocks[:, -18:-2].copy().view(np.int8).astype(np.float32)
+    step = np.abs(d[:, None] * sc).reshape(-1)  # per sub-block of 16
+    err = np.abs(back - w).reshape(-1, 16).max(axis=1)
+    clipped = np.abs(w).reshape(-1, 16).max(axis=1) > 31 * step  # the sub-block's extreme lies past +31 steps
+    assert np.all((err <= step / 2 * 1.0001) | clipped)
+    assert np.array_equal(back[0, :16], np.zeros(16, np.float32))
+    rel = np.sqrt(((back - w) ** 2).mean()) / w.std()
+    q4 = gguf.quants.dequantize(gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q4_0), gguf.GGMLQuantizationType.Q4_0)
+    assert rel < np.sqrt(((q4 - w) ** 2).mean()) / w.std() / 3
 
 
 def test_float_export_round_trips_exactly(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from mixtral_quant.artifact import output_lock, run_errors, sha256_file, write_j
 from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import CheckpointError, IntegrityError, MixtralQuantError
 from mixtral_quant.export.common import ExportContext, ExportDtype, LinearWeights, block_quant, open_variant
-from mixtral_quant.export.gguf_blocks import gguf_grid, pack_exact, rope_rows
+from mixtral_quant.export.gguf_blocks import QK_K, gguf_grid, pack_exact, quantize_q6_k, rope_rows
 from mixtral_quant.export.gguf_vocab import add_vocab, read_vocab
 from mixtral_quant.export.mixtral import lm_head_weight, source_identity
 from mixtral_quant.export.record import op_lines
@@ -49,6 +49,7 @@ class GGUFType(str, Enum):
     F16 = "f16"
     BF16 = "bf16"
     Q8_0 = "q8_0"
+    Q6_K = "q6_k"
     Q4_0 = "q4_0"
 
     @property
@@ -68,9 +69,9 @@ class GGUFType(str, Enum):
 
 @dataclass(frozen=True)
 class GGUFOptions:
-    """``linear``: the decoder's linears (experts, attention); ``embedding`` and ``output`` default to
-    ``linear`` for the float types, and to ``linear`` / Q8_0 for the block types (llama-quantize
-    gives the output Q6_K, which gguf-py cannot write)."""
+    """``linear``: the decoder's linears (experts, attention); ``embedding`` defaults to ``linear``,
+    ``output`` to ``linear`` too but for Q4_0, whose output is Q6_K as llama-quantize makes it (Q8_0
+    when the hidden size is not a multiple of 256)."""
 
     linear: GGUFType = GGUFType.F16
     embedding: GGUFType | None = None
@@ -80,9 +81,10 @@ class GGUFOptions:
     def embedding_type(self) -> GGUFType:
         return self.embedding or self.linear
 
-    @property
-    def output_type(self) -> GGUFType:
-        return self.output or (self.linear if self.linear.bits is None else GGUFType.Q8_0)
+    def output_type(self, hidden_size: int) -> GGUFType:
+        if self.output is not None or self.linear is not GGUFType.Q4_0:
+            return self.output or self.linear
+        return GGUFType.Q6_K if hidden_size % QK_K == 0 else GGUFType.Q8_0
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,7 @@ def pieces(cfg: MixtralConfig, opts: GGUFOptions) -> list[Piece]:
     m, d, vocab = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     f32, lin = Q.F32, opts.linear.ggml
-    emb, head = opts.embedding_type.ggml, opts.output_type.ggml
+    emb, head = opts.embedding_type.ggml, opts.output_type(m).ggml
     out = [Piece(TensorPlan("token_embd.weight", (vocab, m), emb), "embeddings", None,
                  lambda ctx: _noted(ctx, "embeddings", emb, _tensor(ctx, "model.embed_tokens.weight")))]
     for i in range(cfg.num_hidden_layers):
@@ -212,6 +214,8 @@ def _encode_linear(ctx: ExportContext, lin: LinearWeights, qtype: gguf.GGMLQuant
 
 def _quantize(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     w = np.ascontiguousarray(w, dtype=np.float32)
+    if qtype == Q.Q6_K:
+        return quantize_q6_k(w)
     return w if qtype == Q.F32 else gguf.quants.quantize(w, qtype)
 
 
@@ -351,7 +355,7 @@ def _record(ctx: ExportContext, opts: GGUFOptions, variant: Path, identity: dict
         "quantization": None if q is None else q.method.value,
         "bits": None if q is None else q.bits,
         "types": {"linear": opts.linear.value, "embedding": opts.embedding_type.value,
-                  "output": opts.output_type.value},
+                  "output": opts.output_type(cfg.hidden_size).value},
         "tensors": tensors,
         "mappings": {k: sorted(v) for k, v in sorted(ctx.notes.items())},
         "layers": [{k: sorted(v) for k, v in sorted(ctx.layer_notes.get(i, {}).items())}

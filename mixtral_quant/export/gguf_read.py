@@ -24,8 +24,8 @@ def gguf_weights(path: Path, cfg: MixtralConfig) -> dict[str, np.ndarray]:
     reader = gguf.GGUFReader(path)
     raw = {t.name: gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32) for t in reader.tensors}
     heads = {"attn_q": cfg.num_attention_heads, "attn_k": cfg.num_key_value_heads}
-    out = {"model.embed_tokens.weight": raw.pop("token_embd.weight"), "model.norm.weight": raw.pop("output_norm.weight"),
-           "lm_head.weight": raw.pop("output.weight")}
+    out = {"model.embed_tokens.weight": raw.pop("token_embd.weight"),
+           "model.norm.weight": raw.pop("output_norm.weight"), "lm_head.weight": raw.pop("output.weight")}
     names = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm", "attn_q": "self_attn.q_proj",
              "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
              "ffn_gate_inp": "block_sparse_moe.gate", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -53,8 +53,8 @@ def gguf_to_folder(path: Path, template: Path, out: Path) -> Path:
     cfg = load_config(template)
     weights = gguf_weights(path, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     for name in COPIED:
         if (template / name).is_file():
             shutil.copyfile(template / name, out / name)
