@@ -6,7 +6,9 @@
 Sections: quality (tiny model: our recipes vs transformers + bitsandbytes and RTN), quant speed
 (GPTQ / NF4 / int8 on Mixtral-8x7B expert shapes vs GPTQModel and bare bitsandbytes), memory
 (peak RSS quantizing a 2-layer Mixtral-8x7B-shaped checkpoint; full mode only) and decode
-(prefill / decode tokens/s: onnxruntime exports, ours, transformers). Prints the table and writes
+(prefill / decode tokens/s: onnxruntime exports, ours, transformers) and gguf (our GPTQ Q4_0 GGUF vs
+llama-quantize Q4_0 / Q4_K_M with an importance matrix, scored by llama-perplexity and by our eval;
+needs scripts/build_llama_cpp.sh). Prints the table and writes
 benchmarks/results/latest.json and latest.md. Timings live here, never in tests.
 """
 
@@ -24,17 +26,18 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import decode, memory, quality, quant_speed
+from benchmarks import decode, gguf, memory, quality, quant_speed
 from benchmarks.table import Row, earlier_rows, machine, plain, write
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("quality", "quant-speed", "memory", "decode")
+SECTIONS = ("quality", "quant-speed", "memory", "decode", "gguf")
 SECTION_NAMES = {
     "quality": quality.SECTION,
     "quant-speed": quant_speed.SECTION,
     "memory": memory.SECTION,
     "decode": decode.SECTION,
+    "gguf": gguf.SECTION,
 }
 
 
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += memory.run(work / "memory", args.quick, _say)
         if "decode" in args.sections:
             rows += decode.run(work / "decode", work / "quality", args.quick, _say)
+        if "gguf" in args.sections:
+            rows += gguf.run(work / "gguf", args.quick, _say)
     notes += [f"at end: {n}" for n in _other_load()]
     meta = {
         "mode": "quick" if args.quick else "full",

@@ -224,11 +224,14 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q4_0"]
 @click.option("--embedding-type", type=click.Choice(GGUF_TYPES), help="token_embd's type. Default: --type.")
 @click.option("--output-type", type=click.Choice(GGUF_TYPES),
               help="The output head's type. Default: --type, or q6_k when --type is q4_0 (as llama-quantize).")
+@click.option("--kv-type", type=click.Choice(GGUF_TYPES),
+              help="Attention k/v's type. Default: --type; q8_0 for an 8-expert model from float at q4_0 "
+                   "(as llama-quantize).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT written by mixtral-quant.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or closing table.")
 @click.option("--no-verify", is_flag=True, help="Read a quantized folder that has no manifest.json, unchecked.")
 def export_gguf_cmd(source: Path | None, out: Path, type_: str, embedding_type: str | None, output_type: str | None,
-                    overwrite: bool, quiet: bool, no_verify: bool) -> None:
+                    kv_type: str | None, overwrite: bool, quiet: bool, no_verify: bool) -> None:
     """Write SOURCE (a float model or an artifact) as one GGUF file that llama.cpp runs.
 
     \b
@@ -241,8 +244,10 @@ def export_gguf_cmd(source: Path | None, out: Path, type_: str, embedding_type: 
     from .checkpoint import resolve_model
     from .export.gguf import GGUFOptions, GGUFType, export_gguf, gguf_summary
 
-    opts = GGUFOptions(GGUFType(type_), GGUFType(embedding_type) if embedding_type else None,
-                       GGUFType(output_type) if output_type else None)
+    def pick(name: str | None) -> GGUFType | None:
+        return GGUFType(name) if name else None
+
+    opts = GGUFOptions(GGUFType(type_), pick(embedding_type), pick(output_type), pick(kv_type))
     result = export_gguf(resolve_model(source), out, opts, overwrite, progress=not quiet, no_verify=no_verify)
     if not quiet:
         click.echo(gguf_summary(result))

@@ -117,7 +117,8 @@ def test_default_q4_0_file_runs_in_llama_cpp(artifacts: dict[str, Path], tmp_pat
     as llama-quantize lays a Q4_0 file out): llama.cpp runs it like our model on the same weights,
     read back from the file (gguf-py's dequantizers), within the Q4_0 tolerance."""
     result = export_gguf(artifacts["gptq-w4g32"], tmp_path / "q4_0.gguf", GGUFOptions(GGUFType.Q4_0), progress=False)
-    assert result.record["types"] == {"linear": "q4_0", "embedding": "q4_0", "output": "q6_k"}
+    assert result.record["types"] == {"linear": "q4_0", "attention_kv": "q4_0", "embedding": "q4_0",
+                                      "output": "q6_k"}
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(result.path).tensors}
     assert types["output.weight"] == "Q6_K" and types["token_embd.weight"] == "Q4_0"
     back = gguf_to_folder(result.path, artifacts["gptq-w4g32"], tmp_path / "back")
@@ -172,6 +173,25 @@ def test_other_grids_are_requantized_and_say_so(artifacts: dict[str, Path], tmp_
         w2 = read_linear(src, "model.layers.0.block_sparse_moe.experts.3.w2", cfg.hidden_size,
                          cfg.intermediate_size, quant).dequantized()
     assert np.array_equal(stored.data[3], gguf.quants.quantize(w2, gguf.GGMLQuantizationType.Q4_0))
+
+
+def test_requantized_files_equal_llama_quantize(tmp_path: Path) -> None:
+    """From the float model, ``--type q4_0`` writes the file llama.cpp's own quantizer writes from our
+    F32 GGUF (llama_model_quantize, no importance matrix): the same type for every tensor (Q4_0, the
+    output Q6_K, attention k/v Q8_0 in an 8-expert model, norms and router F32) and the same bytes."""
+    f32 = export_gguf(DEFAULT_MODEL, tmp_path / "f32.gguf", GGUFOptions(GGUFType.F32), progress=False).path
+    ours = export_gguf(DEFAULT_MODEL, tmp_path / "ours.gguf", GGUFOptions(GGUFType.Q4_0), progress=False).path
+    theirs = tmp_path / "theirs.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert {k: t.tensor_type.name for k, t in a.items()} == {k: t.tensor_type.name for k, t in b.items()}
+    assert {t.tensor_type.name for t in a.values()} == {"Q4_0", "Q6_K", "Q8_0", "F32"}
+    for name, t in a.items():
+        assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
 
 
 def test_q6_k_decodes_to_its_own_grid() -> None:
@@ -297,7 +317,7 @@ def test_cli_refusals_and_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert code == 0, err
     assert "  layers 0-3  experts: Q8_0 (re-quantized from float)" in stdout.splitlines()
     record = json.loads(manifest_path(out).read_text())
-    assert record["types"] == {"linear": "q8_0", "embedding": "q8_0", "output": "q8_0"}
+    assert record["types"] == {"linear": "q8_0", "attention_kv": "q8_0", "embedding": "q8_0", "output": "q8_0"}
     assert not out.with_name(out.name + ".partial").exists()
     code, stdout, err = run_cli(["verify", out], monkeypatch, capsys)
     assert code == 0 and "ok" in stdout

@@ -71,15 +71,23 @@ class GGUFType(str, Enum):
 class GGUFOptions:
     """``linear``: the decoder's linears (experts, attention); ``embedding`` defaults to ``linear``,
     ``output`` to ``linear`` too but for Q4_0, whose output is Q6_K as llama-quantize makes it (Q8_0
-    when the hidden size is not a multiple of 256)."""
+    when the hidden size is not a multiple of 256). ``kv`` (attention k and v) defaults to ``linear``,
+    but for an 8-expert model re-quantized from float at Q4_0, where llama-quantize makes them Q8_0."""
 
     linear: GGUFType = GGUFType.F16
     embedding: GGUFType | None = None
     output: GGUFType | None = None
+    kv: GGUFType | None = None
 
     @property
     def embedding_type(self) -> GGUFType:
         return self.embedding or self.linear
+
+    def kv_type(self, cfg: MixtralConfig, from_float: bool) -> GGUFType:
+        if self.kv is not None:
+            return self.kv
+        eight = cfg.moe is not None and cfg.moe.num_local_experts == 8
+        return GGUFType.Q8_0 if self.linear is GGUFType.Q4_0 and eight and from_float else self.linear
 
     def output_type(self, hidden_size: int) -> GGUFType:
         if self.output is not None or self.linear is not GGUFType.Q4_0:
@@ -122,11 +130,11 @@ class Piece:
 
 
 # What the decoder's tensors are ----------------------------------------------------------------------
-def pieces(cfg: MixtralConfig, opts: GGUFOptions) -> list[Piece]:
+def pieces(cfg: MixtralConfig, opts: GGUFOptions, from_float: bool) -> list[Piece]:
     """Every tensor of the file, in the order written (token_embd, the layers, output)."""
     m, d, vocab = cfg.hidden_size, cfg.head_dim, cfg.vocab_size
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    f32, lin = Q.F32, opts.linear.ggml
+    f32, lin, kv = Q.F32, opts.linear.ggml, opts.kv_type(cfg, from_float).ggml
     emb, head = opts.embedding_type.ggml, opts.output_type(m).ggml
     out = [Piece(TensorPlan("token_embd.weight", (vocab, m), emb), "embeddings", None,
                  lambda ctx: _noted(ctx, "embeddings", emb, _tensor(ctx, "model.embed_tokens.weight")))]
@@ -135,8 +143,8 @@ def pieces(cfg: MixtralConfig, opts: GGUFOptions) -> list[Piece]:
         out += [
             _norm(f"{blk}.attn_norm.weight", f"{p}.input_layernorm.weight", m, i),
             _linear(f"{blk}.attn_q.weight", "attention", i, [f"{p}.self_attn.q_proj"], (nh * d, m), lin, nh),
-            _linear(f"{blk}.attn_k.weight", "attention", i, [f"{p}.self_attn.k_proj"], (nkv * d, m), lin, nkv),
-            _linear(f"{blk}.attn_v.weight", "attention", i, [f"{p}.self_attn.v_proj"], (nkv * d, m), lin),
+            _linear(f"{blk}.attn_k.weight", "attention", i, [f"{p}.self_attn.k_proj"], (nkv * d, m), kv, nkv),
+            _linear(f"{blk}.attn_v.weight", "attention", i, [f"{p}.self_attn.v_proj"], (nkv * d, m), kv),
             _linear(f"{blk}.attn_output.weight", "attention", i, [f"{p}.self_attn.o_proj"], (m, nh * d), lin),
             _norm(f"{blk}.ffn_norm.weight", f"{p}.post_attention_layernorm.weight", m, i),
         ]
@@ -241,7 +249,7 @@ def export_gguf(variant: Path, out: Path, opts: GGUFOptions | None = None, overw
     with run_errors(out), output_lock(out), open_variant(variant) as (cfg, quant, reader):
         identity = source_identity(variant, quant is not None, no_verify)
         check_gguf_out(out, overwrite, variant)  # again, now that the lock is held
-        plan = pieces(cfg, opts)
+        plan = pieces(cfg, opts, quant is None)
         _check_rows(plan)
         vocab = read_vocab(variant, cfg.vocab_size)
         warnings = _window_warnings(cfg)
@@ -354,8 +362,8 @@ def _record(ctx: ExportContext, opts: GGUFOptions, variant: Path, identity: dict
         "source_files": identity,
         "quantization": None if q is None else q.method.value,
         "bits": None if q is None else q.bits,
-        "types": {"linear": opts.linear.value, "embedding": opts.embedding_type.value,
-                  "output": opts.output_type(cfg.hidden_size).value},
+        "types": {"linear": opts.linear.value, "attention_kv": opts.kv_type(cfg, q is None).value,
+                  "embedding": opts.embedding_type.value, "output": opts.output_type(cfg.hidden_size).value},
         "tensors": tensors,
         "mappings": {k: sorted(v) for k, v in sorted(ctx.notes.items())},
         "layers": [{k: sorted(v) for k, v in sorted(ctx.layer_notes.get(i, {}).items())}

@@ -73,23 +73,28 @@ def _nearest(x: np.ndarray) -> np.ndarray:
     return np.rint(x).astype(np.int32)
 
 
+def _sum(v: np.ndarray) -> np.ndarray:
+    """Row sums accumulated left to right in float32, as ggml's C loops add them."""
+    return np.cumsum(v, axis=1, dtype=np.float32)[:, -1]
+
+
 def _subblock_scales(x: np.ndarray, nmax: int = 32) -> np.ndarray:
     """ggml's ``make_qx_quants(16, 32, x, L, 1, NULL)`` for every 16-value sub-block of ``x [S, 16]``:
     the scale minimising the x^2-weighted error over 19 trial inverse scales."""
     big = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]  # signed value of largest |x|
     live = np.abs(big) >= _EPS
-    safe = np.where(live, big, 1.0)
+    safe = np.where(live, big, np.float32(1.0))
     w = x * x
 
     def fit(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q = np.clip(_nearest(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
-        return (w * x * q).sum(axis=1), (w * q * q).sum(axis=1)
+        return _sum(w * x * q), _sum(w * q * q)
 
-    sumlx, suml2 = fit(-nmax / safe)
+    sumlx, suml2 = fit(np.float32(-nmax) / safe)
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1), 0.0)
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        sumlx, suml2 = fit(-(nmax + 0.1 * step) / safe)
+        sumlx, suml2 = fit(-(np.float32(nmax) + np.float32(0.1) * np.float32(step)) / safe)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
         scale = np.where(better, sumlx / np.where(suml2 > 0, suml2, 1), scale)
         best = np.where(better, scale * sumlx, best)
