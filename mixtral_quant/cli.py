@@ -159,6 +159,8 @@ def verify(artifact: Path) -> None:
                    "file, or wikitext2 (needs the datasets library and its cache).")
 @click.option("--ctx", default=512, show_default=True, type=int, help="Window length in tokens.")
 @click.option("--stride", type=int, help="Window step (default: ctx, no overlap).")
+@click.option("--max-tokens", type=int,
+              help="Score only the first N tokens of the dataset (like llama-perplexity --chunks or lm-eval --limit).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--report", "report_dir", type=click.Path(path_type=Path), help="Write report.json/.md/.html here.")
 @click.option("--check", type=click.Path(path_type=Path), help="Bounds TOML: exit non-zero if a variant regressed.")
@@ -166,8 +168,9 @@ def verify(artifact: Path) -> None:
               help="Run all windows layer by layer with weights streamed from disk (models larger than the device).")
 @click.option("--no-verify", is_flag=True, help="Read a quantized folder that has no manifest.json, unchecked.")
 def eval_cmd(
-    variants: tuple[Path, ...], baseline: Path | None, dataset: str, ctx: int, stride: int | None, device: str,
-    report_dir: Path | None, check: Path | None, layer_sequential: bool | None, no_verify: bool,
+    variants: tuple[Path, ...], baseline: Path | None, dataset: str, ctx: int, stride: int | None,
+    max_tokens: int | None, device: str, report_dir: Path | None, check: Path | None, layer_sequential: bool | None,
+    no_verify: bool,
 ) -> None:
     """Perplexity, KL, router agreement, memory and speed of VARIANTS against the 16-bit baseline."""
     from .checkpoint import resolve_model
@@ -175,7 +178,7 @@ def eval_cmd(
     from .eval.runner import evaluate
 
     report = evaluate(list(variants), resolve_model(baseline), dataset, ctx, stride, device, report_dir, check,
-                      layer_sequential, no_verify=no_verify)
+                      layer_sequential, no_verify=no_verify, max_tokens=max_tokens)
     click.echo(markdown(report))
 
 

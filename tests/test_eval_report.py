@@ -205,3 +205,25 @@ def test_memory_accounting() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert int(out.split()[-1]) >= 60 * 2**20  # 64 MiB, touched
+
+
+def test_max_tokens_scores_the_head_of_the_dataset(tmp_path: Path) -> None:
+    """``max_tokens`` N: the report scores the first N tokens, with the same perplexity as the whole
+    run over a text that holds only those tokens (computed without the option), and says so."""
+    from mixtral_quant.eval.data import load_dataset, tokenizer_for
+    from mixtral_quant.eval.perplexity import model_perplexity
+    from mixtral_quant.loading import load_model
+
+    base, w8 = save_models(tmp_path)
+    text = tmp_path / "text.txt"
+    text.write_text(WIKI_TEST.read_text()[:6000])
+    full = load_dataset(str(text), tokenizer_for(base)).tokens
+    n = 300
+    assert len(full) > 2 * n
+    report = evaluate([w8], base, dataset=str(text), ctx=64, device="cpu", progress=False, max_tokens=n)
+    assert report.dataset["tokens"] == n and report.dataset["tokens_in_text"] == len(full)
+    direct = model_perplexity(load_model(base), full[:n], ctx=64)
+    assert report.baseline.perplexity.ppl == pytest.approx(direct.ppl, rel=1e-6)
+    assert report.baseline.perplexity.tokens_scored == direct.tokens_scored
+    with pytest.raises(MixtralQuantError, match="at least 2 tokens"):
+        evaluate([w8], base, dataset=str(text), ctx=64, device="cpu", progress=False, max_tokens=1)

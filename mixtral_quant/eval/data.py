@@ -21,7 +21,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,10 @@ class EvalDataset:
     tokens: torch.Tensor  # int64 [N], BOS first
     tokenizer: str  # path of the tokenizer.model used
     tokenization: str = TOKENIZATION
+    tokens_in_text: int | None = None  # set when ``tokens`` is the head of a longer stream (--max-tokens)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "name": self.name,
             "source": self.source,
             "sha256": self.sha256,
@@ -76,6 +77,17 @@ class EvalDataset:
             "tokenizer": self.tokenizer,
             "tokenization": self.tokenization,
         }
+        if self.tokens_in_text is not None:
+            d["tokens_in_text"] = self.tokens_in_text
+        return d
+
+    def head(self, max_tokens: int | None) -> EvalDataset:
+        """The first ``max_tokens`` tokens (BOS included) of the stream; all of it for None or more."""
+        if max_tokens is None or max_tokens >= len(self.tokens):
+            return self
+        if max_tokens < 2:
+            raise DatasetError(f"--max-tokens {max_tokens}: scoring needs at least 2 tokens (BOS and one more)")
+        return replace(self, tokens=self.tokens[:max_tokens], tokens_in_text=len(self.tokens))
 
 
 def tokenizer_for(model_folder: Path | None) -> Path:

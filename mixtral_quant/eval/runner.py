@@ -246,10 +246,12 @@ def evaluate(
     *,
     dtype: torch.dtype = torch.float32,
     no_verify: bool = False,
+    max_tokens: int | None = None,
 ) -> EvalReport:
     """Evaluate ``variants`` against ``baseline`` (model folders); see the module docstring.
 
-    ``stride`` None means ``ctx`` (windows do not overlap). Reports are written to ``report_dir``
+    ``stride`` None means ``ctx`` (windows do not overlap); ``max_tokens`` scores only the head of
+    the dataset (its first N tokens, BOS included). Reports are written to ``report_dir``
     when given; with ``check`` (a bounds TOML) a violated bound raises :class:`RegressionError`
     after the reports are written.
     """
@@ -268,9 +270,11 @@ def evaluate(
     bounds = load_bounds(Path(check)) if check is not None else None
     if bounds is not None:
         check_names(bounds, names)
+    if max_tokens is not None and max_tokens < 2:
+        raise MixtralQuantError(f"--max-tokens {max_tokens}: scoring needs at least 2 tokens (BOS and one more)")
     if report_dir is not None:
         check_report_folder(Path(report_dir))  # likewise for a folder that cannot be made or is not ours
-    data = load_dataset(dataset, tokenizer_for(baseline))
+    data = load_dataset(dataset, tokenizer_for(baseline)).head(max_tokens)
     windows = plan_windows(len(data.tokens), ctx, stride)
     folders = [baseline, *variants]
     if layer_sequential is None:
