@@ -4,6 +4,7 @@ llama-quantize's) with our own eval, and to check an export against its source."
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export.gguf_blocks import unrope_rows
 
-COPIED = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json")
+COPIED = ("generation_config.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def gguf_weights(path: Path, cfg: MixtralConfig) -> dict[str, np.ndarray]:
@@ -47,7 +48,8 @@ def gguf_weights(path: Path, cfg: MixtralConfig) -> dict[str, np.ndarray]:
 
 
 def gguf_to_folder(path: Path, template: Path, out: Path) -> Path:
-    """Write the GGUF ``path`` as a float32 model folder ``out`` (config and tokenizer from ``template``)."""
+    """Write the GGUF ``path`` as a float32 model folder ``out`` (config and tokenizer from ``template``;
+    the folder is float, so the template's quantization_config is left out)."""
     from mixtral_quant.checkpoint import load_config
 
     cfg = load_config(template)
@@ -55,6 +57,10 @@ def gguf_to_folder(path: Path, template: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((template / "config.json").read_text())
+    config.pop("quantization_config", None)
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     for name in COPIED:
         if (template / name).is_file():
             shutil.copyfile(template / name, out / name)
