@@ -71,6 +71,25 @@ def _hf_outputs(model: Any, tokens: torch.Tensor, windows: list) -> Iterator[Win
             yield WindowOutput(w, out.logits[0].float(), routers)
 
 
+def eval_time_row(eval_s: float, models: int, tokens: torch.Tensor, windows: list, where: str) -> Row:
+    """eval's wall time (load, speed, one lockstep pass) per scored token and model, against
+    transformers' float forward over the same windows per scored token."""
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for w in windows:
+            model(tokens[w.begin : w.end][None])
+    hf_s = time.perf_counter() - t0
+    scored = sum(w.n_scored for w in windows)
+    ours = {"ms/token": 1e3 * eval_s / (scored * models), "seconds": eval_s, "models": models}
+    theirs = {"ms/token": 1e3 * hf_s / scored, "seconds": hf_s, "models": 1}
+    name = f"eval of {models - 1} variants + baseline: ms per scored token and model (load, speed, lockstep pass)"
+    peer = "transformers 5 MixtralForCausalLM forward over the same windows (fp32 float model, logits only)"
+    return Row(SECTION, name, peer, "ms/token", "lower", ours, theirs, 1, Status.OK, where)
+
+
 def hf_bnb(kind: str, tokens: torch.Tensor, windows: list, base_ppl: float) -> tuple[dict[str, Any], str]:
     """Perplexity / KL / router agreement of transformers' Mixtral loaded with bitsandbytes ``kind``."""
     from transformers import BitsAndBytesConfig, MixtralForCausalLM
@@ -149,8 +168,10 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
     src = DEFAULT_MODEL
     dataset = str(head_of(CORPORA / "wiki-test.txt", Tokenizer(src), eval_tokens, work / "wiki-test-head.txt"))
     say(f"quality: evaluate ({time.time() - t0:.0f}s)")
+    t_eval = time.perf_counter()
     report: EvalReport = evaluate(list(folders.values()), src, dataset, ctx, None, "cpu", work / "report",
                                   progress=False)  # fmt: skip
+    eval_s = time.perf_counter() - t_eval
     base_ppl = report.baseline.perplexity.ppl
     v = {name: _figures(report.variant(name)) for name in RECIPES}
     data = load_dataset(dataset, tokenizer_for(src))
@@ -183,6 +204,8 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
         else:
             row(name, label, v[ours_name], got[0], note=f"{where}; peer {got[1]}")
 
+    say(f"quality: transformers' forward over the same windows ({time.time() - t0:.0f}s)")
+    rows.append(eval_time_row(eval_s, len(folders) + 1, data.tokens, windows, where))
     peer_row("nf4 (every expert + attention)", "nf4", "nf4",
              "transformers 5 + bitsandbytes NF4 (load_in_4bit; attention only, experts stay fp32)")  # fmt: skip
     peer_row("nf4 (every expert + attention)", "nf4", "nf4-every-expert",

@@ -227,3 +227,64 @@ def test_max_tokens_scores_the_head_of_the_dataset(tmp_path: Path) -> None:
     assert report.baseline.perplexity.tokens_scored == direct.tokens_scored
     with pytest.raises(MixtralQuantError, match="at least 2 tokens"):
         evaluate([w8], base, dataset=str(text), ctx=64, device="cpu", progress=False, max_tokens=1)
+
+
+def test_one_lockstep_pass_over_the_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval of 3 variants: every model's forward runs once per window (the baseline's included, not
+    once per variant), the figures equal those computed model by model, and in layer-sequential mode
+    every tensor of the baseline checkpoint is read once for all variants."""
+    import shutil
+    from collections import Counter
+
+    from mixtral_quant.checkpoint import CheckpointReader
+    from mixtral_quant.eval import runner
+    from mixtral_quant.eval.compare import compare
+    from mixtral_quant.eval.data import load_dataset, tokenizer_for
+    from mixtral_quant.eval.perplexity import model_perplexity, plan_windows, window_outputs
+    from mixtral_quant.loading import load_model
+
+    base, w8 = save_models(tmp_path)
+    variants = [w8, tmp_path / "w8-b", tmp_path / "w8-c"]
+    for v in variants[1:]:
+        shutil.copytree(w8, v)
+    text = tmp_path / "text.txt"
+    text.write_text(WIKI_TEST.read_text()[:2500])
+    tokens = load_dataset(str(text), tokenizer_for(base)).tokens
+    windows = plan_windows(len(tokens), 64, 48)
+    calls: Counter[int] = Counter()
+    forward = MixtralForCausalLM.forward
+
+    def counted(self: MixtralForCausalLM, *args: Any, **kwargs: Any) -> Any:
+        calls[id(self)] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MixtralForCausalLM, "forward", counted)
+    monkeypatch.setattr(runner, "measure_speed", lambda *a, **k: None)  # its forward calls are not the pass's
+    kwargs: dict[str, Any] = {"dataset": str(text), "ctx": 64, "stride": 48, "device": "cpu", "progress": False}
+    report = evaluate(variants, base, **kwargs)
+    assert len(calls) == 4 and set(calls.values()) == {len(windows)}
+
+    monkeypatch.setattr(MixtralForCausalLM, "forward", forward)
+    ref, var = load_model(base), load_model(w8)
+    assert report.baseline.perplexity.ppl == pytest.approx(model_perplexity(ref, tokens, 64, 48).ppl, rel=1e-6)
+    assert report.variant("w8-c").perplexity.ppl == pytest.approx(model_perplexity(var, tokens, 64, 48).ppl, rel=1e-6)
+    streams = (window_outputs(m, tokens, windows, "cpu", False, router_logits=True) for m in (ref, var))
+    direct = compare(*streams, top_k=2)
+    for name in ("w8", "w8-b", "w8-c"):
+        got = report.variant(name).comparison
+        assert got is not None and got.kl_mean == pytest.approx(direct.kl_mean, rel=1e-5)
+        assert got.router_agreement == direct.router_agreement and got.top1_changed == direct.top1_changed
+
+    reads: Counter[tuple[str, str]] = Counter()
+    get = CheckpointReader.get
+
+    def counted_get(self: CheckpointReader, name: str, *args: Any, **kw: Any) -> torch.Tensor:
+        reads[(str(self.folder), name)] += 1
+        return get(self, name, *args, **kw)
+
+    monkeypatch.setattr(CheckpointReader, "get", counted_get)
+    layered = evaluate(variants, base, layer_sequential=True, **kwargs)
+    base_reads = {name: n for (folder, name), n in reads.items() if folder == str(base)}
+    with CheckpointReader(base) as r:
+        assert base_reads == dict.fromkeys(r.names, 1)
+    assert layered.variant("w8-b").perplexity.ppl == pytest.approx(report.variant("w8-b").perplexity.ppl, rel=1e-6)

@@ -1,20 +1,20 @@
 """``mixtral-quant eval``: evaluate variants against a baseline, write reports, apply the gate.
 
-For each model (the baseline first, then every variant, one variant resident at a time):
+1. Every model (the baseline first, then each variant) is loaded and, in plain mode, its prefill
+   and decode speed measured (:mod:`speed`); its peak memory is that of load + speed (a full-length
+   window's forward included), as the increase over what was in use before.
+2. One lockstep pass over the windows: each window goes once through the baseline and once
+   through every variant; perplexity, KL, top-1 changes and router agreement all come from those
+   logits (:class:`NLLAccumulator`, :class:`ComparisonAccumulator`).
+3. Stored bytes are counted by component on disk and in memory (:mod:`memory`).
 
-1. load it (``loading.load_model``) and compute its perplexity, measuring the peak memory of
-   load + perplexity as the increase over what was in use before (the baseline stays resident
-   while variants are measured, so a variant's figure is its own load and evaluation);
-2. measure prefill and decode speed (:mod:`speed`);
-3. count stored bytes by component on disk and in memory (:mod:`memory`);
-4. for a variant, run baseline and variant in lockstep for KL, top-1 changes and router agreement.
-
-Layer-sequential mode (``layer_sequential=True``, or None and a model would not fit: its weights
-at the evaluation dtype over 40 % of the free device memory, as baseline and variant are both
-resident) reads every model one decoder layer at a time from its checkpoint
-(:class:`CheckpointLayers`); speed is then not measured, and "in memory" is the sum of the parts
-as they were loaded. The same code serves CPU and CUDA; only the device and the peak-memory
-probe differ.
+Layer-sequential mode (``layer_sequential=True``, or None and the models would not fit: their
+weights together at the evaluation dtype over 80 % of the free device memory) reads every model one
+decoder layer at a time from its checkpoint (:class:`CheckpointLayers`), each checkpoint once for
+all variants: every model's windows go through its layers, then the heads' logits meet window by
+window. Speed is then not measured, "in memory" is the sum of the parts as they were loaded, and
+the peak is that of the one pass over all models. The same code serves CPU and CUDA; only the
+device and the peak-memory probe differ.
 """
 
 from __future__ import annotations
@@ -34,10 +34,18 @@ from mixtral_quant.artifact import check_source
 from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization_config
 from mixtral_quant.config import MixtralConfig, function_differences
 from mixtral_quant.errors import CheckpointError, MixtralQuantError
-from mixtral_quant.eval.compare import compare
+from mixtral_quant.eval.compare import Comparison, ComparisonAccumulator
 from mixtral_quant.eval.data import load_dataset, tokenizer_for
-from mixtral_quant.eval.memory import COMPONENTS, PeakMemory, memory_bytes, memory_report
-from mixtral_quant.eval.perplexity import LayerSource, Window, WindowOutput, perplexity, plan_windows, window_outputs
+from mixtral_quant.eval.memory import COMPONENTS, PeakMeasure, PeakMemory, memory_bytes, memory_report
+from mixtral_quant.eval.perplexity import (
+    LayerSource,
+    NLLAccumulator,
+    PerplexityResult,
+    Window,
+    WindowOutput,
+    plan_windows,
+    window_outputs,
+)
 from mixtral_quant.eval.report import (
     BoundResult,
     EvalReport,
@@ -49,13 +57,13 @@ from mixtral_quant.eval.report import (
     load_bounds,
     write_reports,
 )
-from mixtral_quant.eval.speed import measure_speed
+from mixtral_quant.eval.speed import SpeedResult, measure_speed
 from mixtral_quant.loading import load_model, quant_config_from_hf
 from mixtral_quant.model import DecoderLayer, MixtralForCausalLM, RMSNorm
 from mixtral_quant.quant import get_method
 from mixtral_quant.sizes import free_bytes
 
-FIT_SHARE = 0.4  # of free device memory one model's weights may take in plain mode
+FIT_SHARE = 0.8  # of free device memory all models' weights together may take in plain mode
 
 
 class RegressionError(MixtralQuantError):
@@ -188,6 +196,8 @@ class _Loaded:
     path: Path
     model: MixtralForCausalLM | None
     source: CheckpointLayers | None
+    peak: PeakMeasure | None = None
+    speed: SpeedResult | None = None
 
     @property
     def cfg(self) -> MixtralConfig:
@@ -279,21 +289,21 @@ def evaluate(
     folders = [baseline, *variants]
     if layer_sequential is None:
         free = free_bytes(dev)
-        layer_sequential = any(_weights_bytes(f, dtype) > FIT_SHARE * free for f in folders)
+        layer_sequential = sum(_weights_bytes(f, dtype) for f in folders) > FIT_SHARE * free
     run = _Run(data.tokens, windows, ctx, stride or ctx, dev, dtype, layer_sequential, progress)
-    bar = tqdm(folders, desc="models", unit="model", disable=not progress)
-    results: list[ModelResult] = []
-    base: _Loaded | None = None
+    bar = tqdm(folders, desc="loading", unit="model", disable=not progress)
+    models = []
     for folder in bar:
         bar.set_postfix_str(folder.name)
-        loaded, result = _evaluate_model(folder, run, base)
-        if base is None:
-            base = loaded
-        else:
-            result.ppl_ratio = result.perplexity.ppl / results[0].perplexity.ppl
-            del loaded
-            _release(dev)
-        results.append(result)
+        models.append(_load(folder, run))
+    with PeakMemory(dev) as pass_peak:
+        ppls, comparisons = _lockstep(models, run)
+    results = [
+        _result(m, ppl, ppl.ppl / ppls[0].ppl, cmp, pass_peak.result)
+        for m, ppl, cmp in zip(models, ppls, [None, *comparisons], strict=True)
+    ]
+    del models
+    _release(dev)
     report = EvalReport(
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         tool_version=mixtral_quant.__version__,
@@ -318,54 +328,58 @@ def evaluate(
     return report
 
 
-def _evaluate_model(folder: Path, run: _Run, base: _Loaded | None) -> tuple[_Loaded, ModelResult]:
-    """Load, perplexity, speed, memory and (for a variant) the comparison with ``base``."""
+def _load(folder: Path, run: _Run) -> _Loaded:
+    """A model ready for the lockstep pass; in plain mode its speed and the peak of load + speed."""
+    vocab, top = load_config(folder).vocab_size, int(run.tokens.max())
+    if top >= vocab:
+        raise MixtralQuantError(f"{folder} has a {vocab}-token vocabulary, the tokenizer yields id {top}")
+    if run.layer_sequential:
+        return _Loaded(folder.name, folder, None, CheckpointLayers(folder, run.dtype))
+    with PeakMemory(run.device) as peak:
+        model = load_model(folder, dtype=run.dtype, device=run.device, no_verify=True)  # verified up front
+        speed = measure_speed(model, run.tokens, run.ctx, run.device)
+    return _Loaded(folder.name, folder, model, None, peak.result, speed)
+
+
+def _lockstep(models: list[_Loaded], run: _Run) -> tuple[list[PerplexityResult], list[Comparison]]:
+    """One pass over the windows: each model's forward once per window, the baseline (``models[0]``)
+    compared with every variant on the same logits."""
+    moe = models[0].cfg.moe
+    router = moe is not None and len(models) > 1
+    streams = [m.outputs(run, router) for m in models]
+    nll = [NLLAccumulator(run.tokens) for _ in models]
+    cmp = [ComparisonAccumulator(moe.num_experts_per_tok if moe is not None else None) for _ in models[1:]]
+    for outs in tqdm(zip(*streams, strict=True), total=len(run.windows), desc="windows", unit="window",
+                     leave=False, disable=not run.progress):  # fmt: skip
+        for acc, out in zip(nll, outs, strict=True):
+            acc.add(out)
+        for c, out in zip(cmp, outs[1:], strict=True):
+            c.add(outs[0], out)
+    return [a.result(run.ctx, run.stride, run.layer_sequential) for a in nll], [c.result() for c in cmp]
+
+
+def _result(
+    m: _Loaded, ppl: PerplexityResult, ratio: float, cmp: Comparison | None, pass_peak: PeakMeasure | None
+) -> ModelResult:
+    """The report entry of one model after the pass (memory counted, notes written)."""
     notes: list[str] = []
-    tokens, windows, device = run.tokens, run.windows, run.device
-    vocab = load_config(folder).vocab_size
-    if int(tokens.max()) >= vocab:
-        raise MixtralQuantError(f"{folder} has a {vocab}-token vocabulary, the tokenizer yields id {int(tokens.max())}")
-    with PeakMemory(device) as peak:
-        if run.layer_sequential:
-            loaded = _Loaded(folder.name, folder, None, CheckpointLayers(folder, run.dtype))
-        else:
-            model = load_model(folder, dtype=run.dtype, device=device, no_verify=True)  # verified up front
-            loaded = _Loaded(folder.name, folder, model, None)
-        outputs = tqdm(
-            loaded.outputs(run, router=False),
-            total=len(windows), desc=f"perplexity {folder.name}", unit="window", leave=False, disable=not run.progress,
-        )  # fmt: skip
-        ppl = perplexity(outputs, tokens, run.ctx, run.stride, run.layer_sequential)
-    cfg = loaded.cfg
-    if loaded.model is not None:
-        speed = measure_speed(loaded.model, tokens, run.ctx, device)
-        in_memory = memory_bytes(loaded.model)
+    if m.model is not None:
+        in_memory, peak = memory_bytes(m.model), m.peak
     else:
-        assert loaded.source is not None
-        loaded.source.check_all_used()
-        speed, in_memory = None, loaded.source.loaded
-        notes.append("layer-sequential: memory_bytes is the sum of the parts as they were loaded; speed not measured")
-    memory = memory_report(cfg, in_memory, _disk_tensors(folder), peak.result, notes)
-    comparison = None
-    if base is not None:
-        moe = base.cfg.moe
-        comparison = compare(
-            base.outputs(run, router=moe is not None),
-            loaded.outputs(run, router=moe is not None),
-            top_k=moe.num_experts_per_tok if moe is not None else None,
-            progress=run.progress,
-            total=len(windows),
-        )
-    result = ModelResult(
-        name=folder.name,
-        path=str(folder),
-        role="baseline" if base is None else "variant",
-        model_type=cfg.model_type,
-        quantization=quantization_config(folder),
+        assert m.source is not None
+        m.source.check_all_used()
+        in_memory, peak = m.source.loaded, pass_peak
+        notes.append("layer-sequential: memory_bytes is the sum of the parts as they were loaded; peak is that "
+                     "of the one pass over all models; speed not measured")
+    return ModelResult(
+        name=m.name,
+        path=str(m.path),
+        role="variant" if cmp is not None else "baseline",
+        model_type=m.cfg.model_type,
+        quantization=quantization_config(m.path),
         perplexity=ppl,
-        ppl_ratio=1.0,
-        memory=memory,
-        speed=speed,
-        comparison=comparison,
+        ppl_ratio=ratio,
+        memory=memory_report(m.cfg, in_memory, _disk_tensors(m.path), peak, notes),
+        speed=m.speed,
+        comparison=cmp,
     )
-    return loaded, result
