@@ -108,21 +108,39 @@ class LayerQuantizer:
         return self.layer.post_attention_layernorm(self.attn_out(x))
 
     # -- quantizing one linear ----------------------------------------------------------------------
-    def quantize(self, name: str, hessian: HessianAccumulator | None, fallback: str | None = None) -> None:
-        module = self.layer.get_submodule(name)
-        assert isinstance(module, nn.Linear)
-        w = module.weight.data.float()
+    def quantize(self, names: list[str], hessian: HessianAccumulator | None, fallback: str | None = None) -> None:
+        """Quantize linears that share one input (q/k/v, an expert's w1/w3) and install them. GPTQ
+        takes them as one stacked matrix (one Cholesky, one sweep: the same codes as one by one)."""
+        modules = [self._linear(n) for n in names]
         method = self.method
         if fallback is not None and self.recipe.quant.method is MethodName.GPTQ:
-            self.report.fallbacks[name] = fallback
+            self.report.fallbacks.update(dict.fromkeys(names, fallback))
             if hessian is None:
                 method = self.fallback_method
         h = hessian.hessian if hessian is not None else None
-        result: QuantResult = method.quantize(w, h) if method.needs_hessian else method.quantize(w)
+        stacked = getattr(method, "quantize_stacked", None)
+        if stacked is not None and h is not None and len(names) > 1:
+            results: list[QuantResult] = stacked([m.weight.data for m in modules], h)
+        else:
+            results = [method.quantize(m.weight.data.float(), h) if method.needs_hessian
+                       else method.quantize(m.weight.data.float()) for m in modules]  # fmt: skip
+        for name, module, result in zip(names, modules, results, strict=True):
+            self._install(name, module, method, result, h)
+
+    def _linear(self, name: str) -> nn.Linear:
+        module = self.layer.get_submodule(name)
+        assert isinstance(module, nn.Linear)
+        return module
+
+    def _install(self, name: str, module: nn.Linear, method: Method, result: QuantResult,
+                 h: torch.Tensor | None) -> None:  # fmt: skip
+        """Record one quantized linear (fallback, damping, output error, tensors) and put its runtime
+        module in the layer."""
         if result.info.get("fallback"):
             self.report.fallbacks[name] = str(result.info["fallback"])
         if "damp_percent" in result.info and float(result.info["damp_percent"]) > self.recipe.quant.damp_percent:
             self.report.damp[name] = float(result.info["damp_percent"])
+        w = module.weight.data.float()
         deq = method.dequantize(result.tensors).to(w.device)
         self.report.errors[name] = relative_error(w, deq, h)
         del deq, w
@@ -171,11 +189,10 @@ class LayerQuantizer:
         gptq = self.recipe.needs_calibration
         if self.recipe.quantizes("attention"):
             qkv = self.hessian_of(h, self.layer.input_layernorm) if gptq else None
-            for p in ("q_proj", "k_proj", "v_proj"):
-                self.quantize(f"self_attn.{p}", qkv)
+            self.quantize([f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], qkv)
             o = self.layer.self_attn.o_proj
             acc = self.capture(h, {"o": o}, self.attn_out)["o"] if gptq else None
-            self.quantize("self_attn.o_proj", acc)
+            self.quantize(["self_attn.o_proj"], acc)
         self.count_tokens(h)
         if self.recipe.quantizes("experts"):
             if self.layer.block_sparse_moe is not None:
@@ -235,8 +252,7 @@ class LayerQuantizer:
             if source[e] == "routed" and str(e) not in captured:
                 captured = self._capture_group(h, experts, routed, e, "w1", run_moe)
             acc = shared if source[e] == "all" else captured.pop(str(e), None)
-            for w in ("w1", "w3"):
-                self.quantize(f"block_sparse_moe.experts.{e}.{w}", acc, notes[e])
+            self.quantize([f"block_sparse_moe.experts.{e}.{w}" for w in ("w1", "w3")], acc, notes[e])
         del shared
         for e, expert in enumerate(experts):
             if source[e] == "routed" and str(e) not in captured:
@@ -245,7 +261,7 @@ class LayerQuantizer:
                 acc = self.hessian_of(h, partial(self._hidden_of, expert))
             else:
                 acc = captured.pop(str(e), None)
-            self.quantize(f"block_sparse_moe.experts.{e}.w2", acc, notes[e])
+            self.quantize([f"block_sparse_moe.experts.{e}.w2"], acc, notes[e])
             del acc
 
     def _capture_group(self, h: torch.Tensor, experts: list[Expert], routed: list[int], first: int, linear: str,
@@ -265,10 +281,9 @@ class LayerQuantizer:
         mlp = self.layer.mlp
         assert mlp is not None
         acc = self.hessian_of(h, self.mlp_input) if gptq else None
-        self.quantize("mlp.gate_proj", acc)
-        self.quantize("mlp.up_proj", acc)
+        self.quantize(["mlp.gate_proj", "mlp.up_proj"], acc)
         down = self.capture(h, {"d": mlp.down_proj}, lambda x: mlp(self.mlp_input(x)))["d"] if gptq else None
-        self.quantize("mlp.down_proj", down)
+        self.quantize(["mlp.down_proj"], down)
 
 
 def _swiglu_hidden(expert: Expert, x: torch.Tensor) -> torch.Tensor:

@@ -180,3 +180,20 @@ def test_expert_hessians_captured_in_budgeted_groups_give_the_same_bytes(monkeyp
     assert fb_a == fb_b
     assert torch.equal(out_a, out_b)
     assert t_a.keys() == t_b.keys() and all(torch.equal(t_a[k], t_b[k]) for k in t_a)
+
+
+@pytest.mark.parametrize("recipe", ["gptq-w4g128", "gptq-w3g128"])
+def test_shared_input_linears_stacked_give_the_bytes_of_one_by_one(recipe, tmp_path, monkeypatch):
+    """q/k/v and each expert's w1/w3 go through GPTQ as one stacked matrix (one Hessian, one damped
+    inverse Cholesky): the shipped recipe's artifact is byte-identical to quantizing them one by one."""
+    from mixtral_quant.quant.gptq_method import GPTQ
+
+    r = load_recipe(recipe, samples=4, seq_len=64)
+    stacked = quantize_model(DEFAULT_MODEL, r, tmp_path / "stacked", progress=False)
+    monkeypatch.delattr(GPTQ, "quantize_stacked")
+    alone = quantize_model(DEFAULT_MODEL, r, tmp_path / "alone", progress=False)
+    files = sorted(p.name for p in stacked.iterdir() if p.suffix == ".safetensors")
+    assert files and files == sorted(p.name for p in alone.iterdir() if p.suffix == ".safetensors")
+    for name in files:
+        assert (stacked / name).read_bytes() == (alone / name).read_bytes(), name
+    assert (stacked / "calibration.json").is_file()

@@ -223,3 +223,28 @@ def test_gptq_quantization_config() -> None:
     assert cfg["quant_method"] == "gptq" and cfg["format"] == "gptq" and cfg["checkpoint_format"] == "gptq"
     assert (cfg["bits"], cfg["group_size"], cfg["desc_act"], cfg["sym"]) == (4, 128, True, True)
     assert cfg["pack_dtype"] == "int32" and cfg["static_groups"] is True
+
+
+@pytest.mark.parametrize("kw", [{}, {"act_order": True}, {"act_order": True, "static_groups": True},
+                                {"sym": False, "bits": 3}])  # fmt: skip
+def test_stacked_linears_get_the_codes_of_one_by_one(layer: tuple[torch.Tensor, ...], kw: dict[str, object]) -> None:
+    """Linears sharing one input (q/k/v: rows of different counts) quantized as one stacked matrix:
+    codes, grid and g_idx equal to quantizing each alone, and so do the stored tensors."""
+    from mixtral_quant.quant.gptq import gptq_quantize_stacked
+
+    weight, _, h = layer
+    g = torch.Generator().manual_seed(5)
+    parts = [weight, torch.randn(32, IN, generator=g) * 0.05, torch.randn(96, IN, generator=g).to(torch.bfloat16)]
+    cfg = _cfg(**kw)
+    alone = [gptq_quantize(w, h, cfg) for w in parts]
+    stacked = gptq_quantize_stacked(parts, h, cfg)
+    for a, b in zip(alone, stacked, strict=True):
+        assert a.qint.shape == b.qint.shape
+        for field in ("qint", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(a, field), getattr(b, field)), field
+        loss_a, loss_b = a.info.pop("gptq_loss"), b.info.pop("gptq_loss")
+        assert a.info == b.info and loss_a == pytest.approx(loss_b, rel=1e-6)  # a float sum's last bits
+    method = get_method(cfg)
+    one = [method.quantize(w.float(), h) for w in parts]
+    for r, s in zip(one, method.quantize_stacked(parts, h), strict=True):  # type: ignore[attr-defined]
+        assert r.tensors.keys() == s.tensors.keys() and all(torch.equal(r.tensors[k], s.tensors[k]) for k in r.tensors)

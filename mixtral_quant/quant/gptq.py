@@ -183,16 +183,34 @@ def _damped_inverse_cholesky(h: torch.Tensor, cfg: QuantConfig) -> tuple[torch.T
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
     """GPTQ of ``weight [O, I]`` against ``hessian [I, I]`` (see :class:`HessianAccumulator`).
 
+    The sweep works on ``W^T [I, O]``: the column being quantized is a contiguous row and the error
+    spreads over whole rows, about four times faster than column slices of ``W`` on a CPU at
+    Mixtral-8x7B's shapes. Rows of ``W`` never mix (every update is a row-wise axpy or a product
+    whose reduction runs over the inputs), so linears that share an input can be quantized as one
+    stacked matrix with the same codes (:func:`gptq_quantize_stacked`).
+
     info: ``damp_percent`` (final), ``damp_retries``, ``dead_columns``, ``gptq_loss`` (the
     reference's summed ``(w - q)^2 / d^2 / 2``) and ``weight_mse``.
     """
-    out_features, in_features = weight.shape
-    if hessian.shape != (in_features, in_features):
-        raise MixtralQuantError(
-            f"Hessian shape {tuple(hessian.shape)} does not match weight [{out_features}, {in_features}]"
-        )
-    group, bits, device = cfg.group_size_for(in_features), cfg.bits, weight.device
-    w = weight.to(torch.float32).clone()
+    return gptq_quantize_stacked([weight], hessian, cfg)[0]
+
+
+def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cfg: QuantConfig
+                          ) -> list[QuantizedWeight]:  # fmt: skip
+    """GPTQ of linears that share one input (q/k/v; an expert's w1/w3) as one matrix: one damped
+    inverse Cholesky and one sweep, split back into one :class:`QuantizedWeight` per linear."""
+    in_features = weights[0].shape[1]
+    for weight in weights:
+        if weight.dim() != 2 or weight.shape[1] != in_features or hessian.shape != (in_features, in_features):
+            raise MixtralQuantError(
+                f"Hessian shape {tuple(hessian.shape)} does not match weight {list(weight.shape)}"
+            )
+    rows = [w.shape[0] for w in weights]
+    out_features = sum(rows)
+    group, bits, device = cfg.group_size_for(in_features), cfg.bits, weights[0].device
+    wt = torch.empty(in_features, out_features, dtype=torch.float32, device=device)  # W^T, a copy
+    for weight, start in zip(weights, _starts(rows), strict=True):
+        wt[:, start : start + weight.shape[0]].copy_(weight.t())
     h = hessian.to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(h).all()):
         raise MixtralQuantError("GPTQ Hessian holds NaN or inf: check the calibration inputs")
@@ -201,28 +219,28 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
     if bool(dead.any()):
         h = h.clone()  # the caller's Hessian is left as it was; copied only when it needs the fix
         h[dead, dead] = 1.0
-        w[:, dead] = 0.0
+        wt[dead] = 0.0
 
     n_groups = in_features // group
     scales = torch.zeros(n_groups, out_features, device=device)
     zeros = torch.zeros(n_groups, out_features, device=device)
     if cfg.static_groups:  # grids fixed before the sweep, on un-permuted columns
-        grid = group_grid(w.reshape(out_features, n_groups, group), bits, cfg.sym)
+        grid = group_grid(wt.t().reshape(out_features, n_groups, group), bits, cfg.sym)
         scales, zeros = grid[0].t().contiguous(), grid[1].t().contiguous()
 
     perm = torch.arange(in_features, device=device)
     if cfg.act_order:  # columns with the largest Hessian diagonal first
         perm = torch.argsort(h.diagonal(), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
+        wt, h = wt[perm], h[perm][:, perm]
     hinv, damp, retries = _damped_inverse_cholesky(h, cfg)
     del h  # a copy when permuted or fixed: [I, I] floats (822 MB for Mixtral-8x7B's w2) not needed any more
     static_group_of = (perm // group).tolist()  # group of the column at each sweep position
 
-    qint = torch.zeros_like(w)
-    loss = 0.0
+    qt = torch.zeros_like(wt)  # codes, [I, O]
+    loss = torch.zeros(out_features, dtype=torch.float64, device=device)  # per row of W
     for i1 in range(0, in_features, cfg.lazy_block):
         i2 = min(i1 + cfg.lazy_block, in_features)
-        w1 = w[:, i1:i2].clone()
+        w1 = wt[i1:i2].clone()
         q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -232,28 +250,40 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
             else:
                 g = col // group
                 if col % group == 0:  # the reference: grid from W as of this block's start
-                    scales[g], zeros[g] = group_grid(w[:, col : col + group], bits, cfg.sym)
-            wcol = w1[:, i]
+                    scales[g], zeros[g] = group_grid(wt[col : col + group].t(), bits, cfg.sym)
+            wcol = w1[i]
             q = quantize_codes(wcol, scales[g], zeros[g], bits)
-            q1[:, i] = q
+            q1[i] = q
             err = (wcol - scales[g] * (q - zeros[g])) / hinv1[i, i]
-            w1[:, i:].addr_(err, hinv1[i, i:], alpha=-1.0)  # spread the error over later columns
-            err1[:, i] = err
-        qint[:, i1:i2] = q1
-        loss += float((err1**2).sum()) / 2  # the reference's (w - q)^2 / d^2 / 2
-        w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1.0)  # lazy update of the columns after the block
+            w1[i:].addr_(hinv1[i, i:], err, alpha=-1.0)  # spread the error over later columns
+            err1[i] = err
+        qt[i1:i2] = q1
+        loss += err1.square().sum(0).double() / 2  # the reference's (w - q)^2 / d^2 / 2
+        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)  # lazy update of the columns after the block
+    del wt
 
     invperm = torch.argsort(perm)
     if cfg.static_groups or not cfg.act_order:
         g_idx = torch.arange(in_features, device=device) // group
     else:  # groups formed in permuted order: input i sits at position invperm[i]
         g_idx = invperm // group
-    result = QuantizedWeight(qint[:, invperm].to(torch.int32), scales, zeros.to(torch.int32), g_idx.to(torch.int32), {})
-    result.info.update(
-        damp_percent=damp,
-        damp_retries=retries,
-        dead_columns=int(dead.sum()),
-        gptq_loss=loss,
-        weight_mse=_mse(weight, result),
-    )
-    return result
+    qint = qt[invperm].t().to(torch.int32)  # [O, I]
+    del qt
+    out = []
+    for weight, start in zip(weights, _starts(rows), strict=True):
+        part = slice(start, start + weight.shape[0])
+        result = QuantizedWeight(qint[part].contiguous(), scales[:, part].contiguous(),
+                                 zeros[:, part].to(torch.int32), g_idx.to(torch.int32), {})  # fmt: skip
+        result.info.update(
+            damp_percent=damp,
+            damp_retries=retries,
+            dead_columns=int(dead.sum()),
+            gptq_loss=float(loss[part].sum()),  # informational: its last bits follow the stacking
+            weight_mse=_mse(weight, result),
+        )
+        out.append(result)
+    return out
+
+
+def _starts(rows: list[int]) -> list[int]:
+    return [sum(rows[:k]) for k in range(len(rows))]

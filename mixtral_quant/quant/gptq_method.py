@@ -22,6 +22,7 @@ from mixtral_quant.quant.gptq import (
     HessianNotPositiveDefinite,
     QuantizedWeight,
     gptq_quantize,
+    gptq_quantize_stacked,
     grouped_dequantize,
     rtn_quantize,
 )
@@ -119,6 +120,19 @@ class GPTQ(GPTQLayout):
         except HessianNotPositiveDefinite as err:
             return self._fallback(weight, str(err))
         return QuantResult(to_checkpoint(qw, self.config.bits), {"method": "gptq", **qw.info})
+
+    def quantize_stacked(self, weights: list[torch.Tensor], hessian: torch.Tensor | None) -> list[QuantResult]:
+        """Linears that share one input (and so ``hessian``) as one stacked GPTQ: the codes of
+        :meth:`quantize` one by one, with one damped inverse Cholesky and one sweep."""
+        for weight in weights:
+            check_weight(weight, self.config)
+        if hessian is None or not bool(hessian.diagonal().any()):
+            return [self.quantize(w, hessian) for w in weights]
+        try:
+            qws = gptq_quantize_stacked(weights, hessian, self.config)
+        except HessianNotPositiveDefinite as err:
+            return [self._fallback(w, str(err)) for w in weights]
+        return [QuantResult(to_checkpoint(qw, self.config.bits), {"method": "gptq", **qw.info}) for qw in qws]
 
     def _fallback(self, weight: torch.Tensor, reason: str) -> QuantResult:
         qw = rtn_quantize(weight, self.config)
