@@ -87,6 +87,79 @@ def gptq_rows(quick: bool, say: Any) -> list[Row]:
     return rows
 
 
+KV = 1024  # Mixtral-8x7B: 8 KV heads of 128
+LINEARS = {  # name: (out, in, shared input); one expert of a layer, and its attention
+    "q_proj": (HIDDEN, HIDDEN, "attn"), "k_proj": (KV, HIDDEN, "attn"), "v_proj": (KV, HIDDEN, "attn"),
+    "o_proj": (HIDDEN, HIDDEN, "o"), "w1": (INTER, HIDDEN, "mlp"), "w3": (INTER, HIDDEN, "mlp"),
+    "w2": (HIDDEN, INTER, "w2"),
+}  # fmt: skip
+
+
+def _layer_inputs(tokens: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(2)
+    weights = {n: torch.randn(o, i, generator=gen) * 0.02 for n, (o, i, _) in LINEARS.items()}
+    acts = {src: torch.randn(tokens, i, generator=gen) for _, i, src in LINEARS.values()}
+    return weights, acts
+
+
+def _ours_layer(weights: dict[str, torch.Tensor], acts: dict[str, torch.Tensor], cfg: QuantConfig
+                ) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """Our calibration's way: one Hessian per shared input, linears sharing it quantized stacked."""
+    method = get_method(cfg)
+    start = time.perf_counter()
+    deq: dict[str, dict[str, torch.Tensor]] = {}
+    for src, x in acts.items():
+        names = [n for n, (_, _, s) in LINEARS.items() if s == src]
+        acc = HessianAccumulator(x.shape[1])
+        acc.add(x)
+        results = method.quantize_stacked([weights[n] for n in names], acc.hessian)  # type: ignore[attr-defined]
+        deq |= {n: r.tensors for n, r in zip(names, results, strict=True)}
+    seconds = time.perf_counter() - start
+    return seconds, {n: _out_error(acts[LINEARS[n][2]], weights[n], method.dequantize(t)) for n, t in deq.items()}
+
+
+def _gptqmodel_layer(weights: dict[str, torch.Tensor], acts: dict[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    from gptqmodel.quantization.config import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    start = time.perf_counter()
+    qs = {}
+    for name, w in weights.items():
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        linear.weight.data = w.clone()
+        g = GPTQ(linear, QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=True, static_groups=True,
+                                         damp_percent=0.01))  # fmt: skip
+        g.quantizer.configure(perchannel=True)
+        g.fallback = None
+        g.add_batch(acts[LINEARS[name][2]][None], None)
+        qs[name] = g.quantize(blocksize=128)[0]
+    seconds = time.perf_counter() - start
+    return seconds, {n: _out_error(acts[LINEARS[n][2]], weights[n], q) for n, q in qs.items()}
+
+
+def layer_row(quick: bool, say: Any) -> Row:
+    """One Mixtral-8x7B expert (w1/w3/w2) plus the attention's q/k/v/o, as the shipped gptq-w4g128
+    recipe quantizes them (act-order, static groups), against GPTQModel on the same activations."""
+    tokens = 256 if quick else 2048
+    label = (f"ours GPTQ 4-bit g128 act-order static groups, q/k/v/o + one expert's w1/w3/w2 at Mixtral-8x7B "
+             f"shapes, {tokens} tokens")
+    peer = "GPTQModel 7.7 GPTQ (same settings, same activations), linear by linear"
+    missing = _gptqmodel_missing()
+    weights, acts = _layer_inputs(tokens)
+    say("quant speed: ours GPTQ, one expert + attention")
+    cfg = QuantConfig(MethodName.GPTQ, bits=4, group_size=128, sym=True, act_order=True, static_groups=True)
+    s, errs = _ours_layer(weights, acts, cfg)
+    ours: dict[str, Figure] = {"seconds": s, "out rel err sum": sum(errs.values()), "w2 out rel err": errs["w2"]}
+    note = ("seconds include the Hessians from the activations (ours: one per shared input, q/k/v and w1/w3 "
+            "stacked; GPTQModel: one per linear); a whole layer's 8 experts scale this by about 8; single run each")
+    if missing:
+        return Row(SECTION, label, peer, "seconds", "lower", ours, {}, 1, Status.SKIPPED, missing)
+    say("quant speed: GPTQModel GPTQ, one expert + attention")
+    s2, errs2 = _gptqmodel_layer(weights, acts)
+    theirs: dict[str, Figure] = {"seconds": s2, "out rel err sum": sum(errs2.values()), "w2 out rel err": errs2["w2"]}
+    return Row(SECTION, label, peer, "seconds", "lower", ours, theirs, 1, note=note)
+
+
 def bare_rows(quick: bool, say: Any) -> list[Row]:
     repeats = 3 if quick else 5
     w = torch.randn(INTER, HIDDEN, generator=torch.Generator().manual_seed(1)) * 0.02
@@ -112,4 +185,4 @@ def bare_rows(quick: bool, say: Any) -> list[Row]:
 
 
 def run(quick: bool, say: Any) -> list[Row]:
-    return gptq_rows(quick, say) + bare_rows(quick, say)
+    return [*gptq_rows(quick, say), layer_row(quick, say), *bare_rows(quick, say)]

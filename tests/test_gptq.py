@@ -248,3 +248,21 @@ def test_stacked_linears_get_the_codes_of_one_by_one(layer: tuple[torch.Tensor, 
     one = [method.quantize(w.float(), h) for w in parts]
     for r, s in zip(one, method.quantize_stacked(parts, h), strict=True):  # type: ignore[attr-defined]
         assert r.tensors.keys() == s.tensors.keys() and all(torch.equal(r.tensors[k], s.tensors[k]) for k in r.tensors)
+
+
+def test_inverse_cholesky_factor_equals_the_references(layer: tuple[torch.Tensor, ...]) -> None:
+    """The upper factor from one Cholesky of the reversed Hessian and a triangular inverse by halves
+    equals the reference's (Cholesky, cholesky_inverse, upper Cholesky) in float64, and the inverse
+    by halves equals torch's on an odd size with small leaves."""
+    from mixtral_quant.quant.gptq import _damped_inverse_cholesky, lower_inverse
+
+    _, _, h = layer
+    h64 = h.double()
+    upper, damp, _ = _damped_inverse_cholesky(h64, _cfg())
+    damped = h64 + damp * h64.diagonal().mean() * torch.eye(IN, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(upper, upper.triu())
+    assert torch.allclose(upper, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+    g = torch.Generator().manual_seed(3)
+    lower = torch.randn(301, 301, generator=g, dtype=torch.float64).tril() + 20 * torch.eye(301, dtype=torch.float64)
+    assert torch.allclose(lower_inverse(lower, leaf=16), torch.linalg.inv(lower), rtol=1e-10, atol=1e-12)

@@ -156,22 +156,43 @@ def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
     return result
 
 
+def lower_inverse(lower: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by halves: ``[[A, 0], [C, D]]^-1`` is
+    ``[[A^-1, 0], [-D^-1 C A^-1, D^-1]]``, the corner from two triangular solves (LAPACK's trtri's
+    n^3/3 flops, in BLAS-3 calls that torch has on CPU and CUDA)."""
+    n = lower.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+        return torch.linalg.solve_triangular(lower, eye, upper=False)
+    k = n // 2
+    out = torch.zeros_like(lower)
+    out[:k, :k] = lower_inverse(lower[:k, :k], leaf)
+    out[k:, k:] = lower_inverse(lower[k:, k:], leaf)
+    corner = torch.linalg.solve_triangular(lower[k:, k:], lower[k:, :k], upper=False)  # D^-1 C
+    out[k:, :k] = torch.linalg.solve_triangular(lower[:k, :k], corner, upper=False, left=False).neg_()
+    return out
+
+
 def _damped_inverse_cholesky(h: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, the damp percent used, and the retries taken."""
+    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = (H + damp I)^-1``), the damp
+    percent used, and the retries taken.
+
+    With ``J`` the order-reversing permutation and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)``
+    and ``J L^-1 J`` is upper-triangular with a positive diagonal, so it is that factor. One Cholesky and
+    one triangular inverse: half the flops of the reference's Cholesky, ``cholesky_inverse`` and second
+    Cholesky (at w2's 14336 inputs, 18 s instead of 37 s on 2 cores)."""
     mean_diag = float(h.diagonal().mean())
     percent = cfg.damp_percent
     retries = MAX_DAMP_RETRIES if cfg.damp_auto_increase else 0
-    for attempt in range(retries + 1):  # at most two [I, I] buffers besides h at any time (dels)
-        damped = h.clone()
+    for attempt in range(retries + 1):  # at most three [I, I] buffers besides h at any time (dels)
+        damped = h.flip(0, 1)  # J H J, a copy
         damped.diagonal().add_(percent * mean_diag)
         lower, info = torch.linalg.cholesky_ex(damped)
         del damped
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(lower)
+            upper = lower_inverse(lower).flip(0, 1)
             del lower
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if int(info) == 0 and bool(torch.isfinite(upper).all()):
+            if bool(torch.isfinite(upper).all()) and bool((upper.diagonal() > 0).all()):
                 return upper, percent, attempt
         percent *= 10.0
     raise HessianNotPositiveDefinite(
