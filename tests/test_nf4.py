@@ -58,7 +58,6 @@ def test_round_trip_equals_bitsandbytes_dequantize(blocksize: int) -> None:
     deq = method.dequantize(result.tensors)
     assert deq.dtype == torch.float32 and deq.shape == (OUT, IN)
     assert torch.equal(deq, expected)
-    assert result.info["weight_mse"] == pytest.approx(float(((deq - weight) ** 2).mean()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -131,11 +131,6 @@ def dequantize_gptq(qint: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return grouped_dequantize(qint.t(), scales, zeros, g_idx).t()
 
 
-def _mse(weight: torch.Tensor, qw: QuantizedWeight) -> float:
-    deq = dequantize_gptq(qw.qint, qw.scales, qw.zeros, qw.g_idx)
-    return float(deq.sub_(weight.float()).pow_(2).mean())  # in place: (deq - w)^2 == (w - deq)^2 exactly
-
-
 def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
     """Round-to-nearest on the min/max grid of each group; same outputs as :func:`gptq_quantize`."""
     out_features, in_features = weight.shape
@@ -152,7 +147,6 @@ def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
         g_idx,
         {},
     )
-    result.info["weight_mse"] = _mse(w, result)
     return result
 
 
@@ -211,7 +205,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
     stacked matrix with the same codes (:func:`gptq_quantize_stacked`).
 
     info: ``damp_percent`` (final), ``damp_retries``, ``dead_columns``, ``gptq_loss`` (the
-    reference's summed ``(w - q)^2 / d^2 / 2``) and ``weight_mse``.
+    reference's summed ``(w - q)^2 / d^2 / 2``). The output error of every linear is measured once, by
+    the calibration driver.
     """
     return gptq_quantize_stacked([weight], hessian, cfg)[0]
 
@@ -300,7 +295,6 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
             damp_retries=retries,
             dead_columns=int(dead.sum()),
             gptq_loss=float(loss[part].sum()),  # informational: its last bits follow the stacking
-            weight_mse=_mse(weight, result),
         )
         out.append(result)
     return out

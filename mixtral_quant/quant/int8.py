@@ -31,10 +31,6 @@ ROW_FORMAT = 0  # bitsandbytes LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
 _MIN_SCALE = float(torch.finfo(torch.float16).tiny)
 
 
-def _mse(deq: torch.Tensor, weight: torch.Tensor) -> float:
-    return float(((deq - weight.to(torch.float32)) ** 2).mean())
-
-
 class INT8:
     """bitsandbytes LLM.int8(); runtime module is ``bnb.nn.Linear8bitLt`` (inference mode)."""
 
@@ -52,7 +48,7 @@ class INT8:
             "SCB": scb,
             "weight_format": torch.tensor(ROW_FORMAT, dtype=torch.uint8, device=codes.device),
         }
-        return QuantResult(tensors, {"method": "int8", "weight_mse": _mse(self.dequantize(tensors), weight)})
+        return QuantResult(tensors, {"method": "int8"})
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return tensors["weight"].to(torch.float32) * (tensors["SCB"].to(torch.float32)[:, None] / 127.0)
@@ -96,7 +92,7 @@ class W8:
         scale = (w.abs().amax(1) / 127.0).clamp(min=_MIN_SCALE).to(torch.float16)
         codes = torch.clamp(torch.round(w / scale.to(torch.float32)[:, None]), -127, 127).to(torch.int8)
         tensors = {"weight": codes, "weight_scale": scale}
-        return QuantResult(tensors, {"method": "w8", "weight_mse": _mse(self.dequantize(tensors), weight)})
+        return QuantResult(tensors, {"method": "w8"})
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return tensors["weight"].to(torch.float32) * tensors["weight_scale"].to(torch.float32)[:, None]

@@ -69,9 +69,7 @@ class NF4:
         )
         # clone: quant maps may be shared with bitsandbytes' caches, and safetensors refuses shared storage
         tensors = {"weight": codes} | {f"weight.{k}": v.clone() for k, v in state.as_dict(packed=True).items()}
-        deq = bnbf.dequantize_4bit(codes, state).to(torch.float32)
-        mse = float(deq.sub_(weight.to(torch.float32)).pow_(2).mean())  # in place: one weight-sized buffer
-        return QuantResult(tensors, {"method": "nf4", "weight_mse": mse})
+        return QuantResult(tensors, {"method": "nf4"})
 
     def quant_state(self, tensors: Mapping[str, torch.Tensor]) -> bnbf.QuantState:
         """The bitsandbytes QuantState rebuilt from the stored tensors."""
