@@ -266,3 +266,26 @@ def test_inverse_cholesky_factor_equals_the_references(layer: tuple[torch.Tensor
     g = torch.Generator().manual_seed(3)
     lower = torch.randn(301, 301, generator=g, dtype=torch.float64).tril() + 20 * torch.eye(301, dtype=torch.float64)
     assert torch.allclose(lower_inverse(lower, leaf=16), torch.linalg.inv(lower), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_act_order_dynamic_groups_sorted_once_at_load(layer: tuple[torch.Tensor, ...], bits: int) -> None:
+    """An act-order weight with dynamic groups (g_idx not i // size): the module sorts its inputs by
+    group once, at load, and runs the stored weight: the same outputs and dequantized weight as the
+    stored tensors, a trivial g_idx inside (no per-call gather of the grid), state_dict unchanged."""
+    from mixtral_quant.quant.gptq import trivial_group_size
+    from mixtral_quant.quant.modules import DequantLinear
+
+    weight, x, hessian = layer
+    method = get_method(_cfg(bits=bits, group_size=64, act_order=True, static_groups=False))
+    tensors = method.quantize(weight, hessian).tensors
+    assert trivial_group_size(tensors["g_idx"], IN // 64) is None
+    module = method.make_module(tensors, IN, OUT)
+    assert isinstance(module, DequantLinear)
+    assert module.input_order is not None and trivial_group_size(module.get_buffer("g_idx"), IN // 64) == 64
+    assert sorted(module.state_dict()) == sorted(tensors)
+    deq = method.dequantize(tensors)
+    assert torch.equal(module.weight_float(), deq)
+    torch.testing.assert_close(module(x[:8]), x[:8] @ deq.t())
+    static = get_method(_cfg(bits=bits, group_size=64, act_order=True, static_groups=True))
+    assert static.make_module(static.quantize(weight, hessian).tensors, IN, OUT).input_order is None

@@ -25,6 +25,7 @@ from mixtral_quant.quant.gptq import (
     gptq_quantize_stacked,
     grouped_dequantize,
     rtn_quantize,
+    trivial_group_size,
 )
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
 from mixtral_quant.quant.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
@@ -68,7 +69,14 @@ class GPTQLayout:
         require_shape("qzeros", tensors["qzeros"], (groups, out_features * bits // 32))
         require_shape("scales", tensors["scales"], (groups, out_features))
         require_shape("g_idx", tensors["g_idx"], (in_features,))
-        return DequantLinear(tensors, self.dequantize, in_features, out_features)
+        if trivial_group_size(tensors["g_idx"], groups) is not None:
+            return DequantLinear(tensors, self.dequantize, in_features, out_features)
+        # act-order with dynamic groups: sort the inputs by group once, here, so that every call
+        # broadcasts the grid over whole groups instead of gathering it per input row
+        order = torch.argsort(tensors["g_idx"].to(torch.int64), stable=True)
+        codes = unpack_qweight(tensors["qweight"], bits).index_select(0, order)
+        by_group = {**tensors, "qweight": pack_qweight(codes, bits), "g_idx": tensors["g_idx"].index_select(0, order)}
+        return DequantLinear(by_group, self.dequantize, in_features, out_features, input_order=order)
 
     def quantization_config(self) -> dict[str, Any]:
         """GPTQModel's quantize_config keys (format ``gptq``, v1 zeros)."""

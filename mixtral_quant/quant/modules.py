@@ -3,6 +3,9 @@
 :class:`DequantLinear` keeps the stored tensors as buffers (so ``state_dict()`` has exactly the
 on-disk names and ``.to(device)`` moves them) and rebuilds the weight on every call: nothing is
 cached, so memory stays at the quantized size, at the price of one dequantization per forward.
+With ``input_order`` the stored tensors describe the weight's columns in that order (a GPTQ
+act-order weight sorted by group once, at load): the input is permuted to match, one gather of the
+activations per call instead of one of the weight's grid.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class DequantLinear(nn.Module):
         dequantize: Dequantizer,
         in_features: int,
         out_features: int,
+        input_order: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -35,17 +39,24 @@ class DequantLinear(nn.Module):
         self._names = list(tensors)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
+        self.input_order: torch.Tensor | None
+        self.register_buffer("input_order", input_order, persistent=False)
 
     def stored(self) -> dict[str, torch.Tensor]:
         """The stored tensors, on the module's current device."""
         return {name: self.get_buffer(name) for name in self._names}
 
     def weight_float(self) -> torch.Tensor:
-        """The dequantized weight, float32 ``[out, in]``."""
-        return self._dequantize(self.stored())
+        """The dequantized weight, float32 ``[out, in]``, columns in the input's order."""
+        w = self._dequantize(self.stored())
+        if self.input_order is None:
+            return w
+        return w[:, torch.argsort(self.input_order)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_float().to(x.dtype))
+        if self.input_order is not None:
+            x = x.index_select(-1, self.input_order)
+        return F.linear(x, self._dequantize(self.stored()).to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, stored={self._names}"
