@@ -78,3 +78,17 @@ def test_registry_covers_every_method() -> None:
         assert method.dequantize(result.tensors).shape == (32, 64)
         assert result.info["method"] == name.value
         assert method.quantization_config()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_check_weight_refuses_non_finite_and_keeps_finite_weights_whose_sum_overflows(bad: float) -> None:
+    from mixtral_quant.quant.base import check_weight
+
+    cfg = QuantConfig.for_method(MethodName.NF4)
+    huge = torch.full((32, 64), 3.0e38)  # every element finite, the sum is not
+    assert check_weight(huge, cfg) == (32, 64)
+    for base in (torch.zeros(32, 64), huge):
+        w = base.clone()
+        w[5, 7] = bad
+        with pytest.raises(MixtralQuantError, match="NaN or inf"):
+            check_weight(w, cfg)
