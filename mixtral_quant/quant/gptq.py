@@ -15,6 +15,7 @@ Two choices beyond the reference, both so the stored checkpoint is exact:
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -222,10 +223,11 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
                 f"Hessian shape {tuple(hessian.shape)} does not match weight {list(weight.shape)}"
             )
     rows = [w.shape[0] for w in weights]
+    starts = list(itertools.accumulate(rows, initial=0))[:-1]  # of each linear's rows in the stack
     out_features = sum(rows)
     group, bits, device = cfg.group_size_for(in_features), cfg.bits, weights[0].device
     wt = torch.empty(in_features, out_features, dtype=torch.float32, device=device)  # W^T, a copy
-    for weight, start in zip(weights, _starts(rows), strict=True):
+    for weight, start in zip(weights, starts, strict=True):
         wt[:, start : start + weight.shape[0]].copy_(weight.t())
     h = hessian.to(device=device, dtype=torch.float32)
     if not bool(torch.isfinite(h).all()):
@@ -286,7 +288,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
     qint = qt[invperm].t().to(torch.int32)  # [O, I]
     del qt
     out = []
-    for weight, start in zip(weights, _starts(rows), strict=True):
+    for weight, start in zip(weights, starts, strict=True):
         part = slice(start, start + weight.shape[0])
         result = QuantizedWeight(qint[part].contiguous(), scales[:, part].contiguous(),
                                  zeros[:, part].to(torch.int32), g_idx.to(torch.int32), {})  # fmt: skip
@@ -298,7 +300,3 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
         )
         out.append(result)
     return out
-
-
-def _starts(rows: list[int]) -> list[int]:
-    return [sum(rows[:k]) for k in range(len(rows))]

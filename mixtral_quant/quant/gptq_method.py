@@ -21,7 +21,6 @@ from mixtral_quant.quant.base import QuantConfig, QuantResult, check_weight
 from mixtral_quant.quant.gptq import (
     HessianNotPositiveDefinite,
     QuantizedWeight,
-    gptq_quantize,
     gptq_quantize_stacked,
     grouped_dequantize,
     rtn_quantize,
@@ -118,24 +117,17 @@ class GPTQ(GPTQLayout):
     needs_hessian = True
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
-        check_weight(weight, self.config)
-        if hessian is None:
-            return self._fallback(weight, "no Hessian")
-        if not bool(hessian.diagonal().any()):
-            return self._fallback(weight, "empty Hessian (no nonzero input seen)")
-        try:
-            qw = gptq_quantize(weight, hessian, self.config)
-        except HessianNotPositiveDefinite as err:
-            return self._fallback(weight, str(err))
-        return QuantResult(to_checkpoint(qw, self.config.bits), {"method": "gptq", **qw.info})
+        return self.quantize_stacked([weight], hessian)[0]
 
     def quantize_stacked(self, weights: list[torch.Tensor], hessian: torch.Tensor | None) -> list[QuantResult]:
         """Linears that share one input (and so ``hessian``) as one stacked GPTQ: the codes of
         :meth:`quantize` one by one, with one damped inverse Cholesky and one sweep."""
         for weight in weights:
             check_weight(weight, self.config)
-        if hessian is None or not bool(hessian.diagonal().any()):
-            return [self.quantize(w, hessian) for w in weights]
+        if hessian is None:
+            return [self._fallback(w, "no Hessian") for w in weights]
+        if not bool(hessian.diagonal().any()):
+            return [self._fallback(w, "empty Hessian (no nonzero input seen)") for w in weights]
         try:
             qws = gptq_quantize_stacked(weights, hessian, self.config)
         except HessianNotPositiveDefinite as err:
