@@ -2,6 +2,8 @@
 
     python scripts/train_tiny.py --out mixtral_quant/assets/tiny-mixtral --bf16     # about 1 h on 2 cores
     python scripts/train_tiny.py ... --resume      # after a kill: continues from the last saved state
+    python scripts/train_tiny.py --init DIR --sources sotu=0.2,python-docs=0.2,django-docs=0.2 \
+        --balance per-layer ...                     # a second phase that starts from a saved model
 
 The model is Mixtral-8x7B's architecture scaled down (config preset ``tiny``): the real 32000-token
 tokenizer, 8 experts with top-2 routing, 4 query heads per key/value head, head_dim 32, rope_theta 1e6
@@ -16,6 +18,13 @@ the k-th batch. wiki-test and moby-dick.txt are held out. AdamW with warm-up and
 ``--min-lr``. The state (weights, optimiser, step, log) is saved every ``--save-every`` steps; since the
 data order depends only on the seed, ``--resume`` continues exactly where the saved state left off.
 The weights are stored in bfloat16, as the real checkpoints are.
+
+Load balancing: ``--balance pooled`` is Mixtral's auxiliary loss (transformers' load_balancing_loss_func),
+whose expert shares are pooled over all layers, so an expert dead in one layer is paid for by the same
+expert's index being hot in another. ``--balance per-layer`` averages the loss of each layer on its own
+(as Switch Transformer and GShard apply it), which keeps every expert of every layer in use.
+A second phase (``--init`` a saved model folder, ``--sources`` giving the extra passes) continues training
+with fresh optimiser state; its summary keeps the first phase's under "init", so the passes of both add up.
 """
 
 from __future__ import annotations
@@ -37,7 +46,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mixtral_quant.config import PRESETS, MoEArgs
-from mixtral_quant.model import MixtralForCausalLM
+from mixtral_quant.loading import load_model
+from mixtral_quant.model import MixtralForCausalLM, load_balancing_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPORA = ROOT / "calibration" / "corpora"
@@ -63,11 +73,25 @@ def token_stream(sp: spm.SentencePieceProcessor, path: Path) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int64)
 
 
-def training_sequences(sp: spm.SentencePieceProcessor, seq: int, seed: int) -> tuple[torch.Tensor, dict[str, Any]]:
+def parse_sources(spec: str) -> dict[str, float]:
+    """'name=passes,...' -> {name: passes}; only training sources, at most 1.5 passes each."""
+    out = {}
+    for item in spec.split(","):
+        name, _, passes = item.partition("=")
+        if name not in SOURCES or not passes or not 0 < float(passes) <= 1.5:
+            names = ", ".join(SOURCES)
+            raise SystemExit(f"--sources: bad item {item!r} (training sources: {names}; passes in (0, 1.5])")
+        out[name] = float(passes)
+    return out
+
+
+def training_sequences(
+    sp: spm.SentencePieceProcessor, seq: int, seed: int, sources: dict[str, float]
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """All training sequences [N, seq + 1] in their seeded order, and what each source gave."""
     gen = torch.Generator().manual_seed(seed)
     parts, info = [], {}
-    for name, passes in SOURCES.items():
+    for name, passes in sources.items():
         ids = token_stream(sp, CORPORA / f"{name}.txt")
         n = (len(ids) - 1) // seq
         seqs = ids[: n * seq + 1].unfold(0, seq + 1, seq)  # [n, seq + 1], neighbours share one token
@@ -100,6 +124,13 @@ def heldout_ppl(model: MixtralForCausalLM, ids: torch.Tensor, ctx: int, max_wind
         count += ctx
     model.train()
     return math.exp(nll / count)
+
+
+def balance_loss(router_logits: list[torch.Tensor], top_k: int, mode: str) -> torch.Tensor:
+    """Mixtral's pooled auxiliary loss, or the mean of each layer's own (2.0 = balanced, for top-2)."""
+    if mode == "pooled":
+        return load_balancing_loss(router_logits, top_k)
+    return torch.stack([load_balancing_loss([logits], top_k) for logits in router_logits]).mean()
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float) -> float:
@@ -148,6 +179,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=60)
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--aux-coef", type=float, default=0.02)
+    ap.add_argument("--balance", choices=("pooled", "per-layer"), default="pooled",
+                    help="auxiliary loss over all layers' tokens pooled (Mixtral's) or per layer")
+    ap.add_argument("--sources", type=parse_sources, default=dict(SOURCES),
+                    help="passes per training source, e.g. sotu=0.2,python-docs=0.2 (default: "
+                    + ",".join(f"{k}={v}" for k, v in SOURCES.items()) + ")")
+    ap.add_argument("--init", type=Path, help="start from this saved model folder instead of random weights")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (fast on CPUs with AMX)")
@@ -159,7 +196,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
-    train, sources = training_sequences(sp, args.seq, args.seed)
+    train, sources = training_sequences(sp, args.seq, args.seed, args.sources)
     held = {name: token_stream(sp, CORPORA / f"{name}.txt") for name in HELD_OUT}
     steps = len(train) // args.batch
     print(f"{len(train):,} sequences of {args.seq} ({steps} steps of {args.batch}); sources {sources}", flush=True)
@@ -169,7 +206,10 @@ def main() -> None:
     cfg = replace(base, moe=replace(base.moe, router_aux_loss_coef=args.aux_coef), torch_dtype="bfloat16")
     assert isinstance(cfg.moe, MoEArgs)
     model = MixtralForCausalLM(cfg)
-    init_weights(model, cfg.initializer_range)
+    if args.init is not None:
+        model.load_state_dict(load_model(args.init, dtype=torch.float32).state_dict())
+    else:
+        init_weights(model, cfg.initializer_range)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -194,13 +234,13 @@ def main() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             out = model(batch[:, :-1], output_router_logits=True)
             ce = F.cross_entropy(out.logits.float().view(-1, cfg.vocab_size), batch[:, 1:].reshape(-1))
-            assert out.aux_loss is not None
-            loss = ce + args.aux_coef * out.aux_loss
+            aux = balance_loss(out.router_logits, cfg.moe.num_experts_per_tok, args.balance)
+            loss = ce + args.aux_coef * aux
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        entry: dict[str, Any] = {"step": step, "lr": lr, "ce": ce.item(), "aux": out.aux_loss.item(),
+        entry: dict[str, Any] = {"step": step, "lr": lr, "ce": ce.item(), "aux": aux.item(),
                                  "elapsed_s": time.time() - t0}
         if (step + 1) % args.eval_every == 0 or step + 1 == steps:
             for name, ids in held.items():
@@ -218,7 +258,8 @@ def main() -> None:
             return
 
     summary = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "state")},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                 if k not in ("out", "state", "init", "sources")},
         "sources": sources,
         "steps_done": len(log),
         "train_tokens_seen": len(log) * args.batch * args.seq,
@@ -227,6 +268,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "log": log,
     }
+    if args.init is not None:
+        summary["init"] = json.loads((args.init / "training_log.json").read_text())
     save_folder(model, args.out, summary)
     print(f"saved to {args.out} after {time.time() - t0:.0f}s", flush=True)
 
