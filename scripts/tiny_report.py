@@ -103,18 +103,34 @@ def tokens_per_expert(model: MixtralForCausalLM, tokens: torch.Tensor, ctx: int)
 
 
 def training_lines(model: Path) -> list[str]:
-    """How the model was trained, from training_log.json."""
+    """How the model was trained, from training_log.json: each phase (a second phase keeps the first
+    under "init"), then the passes over each source summed over the phases."""
     path = model / "training_log.json"
     if not path.is_file():
         return []
-    log: dict[str, Any] = json.loads(path.read_text())
-    a = log["args"]
-    sources = ", ".join(f"{k} {v['tokens']:,} tokens x {v['passes']:g}" for k, v in log.get("sources", {}).items())
-    return ["Training (`scripts/train_tiny.py`):", "",
-            f"- `--lr {a['lr']} --min-lr {a['min_lr']} --warmup {a['warmup']} --batch {a['batch']} --seq {a['seq']} "
-            f"--seed {a['seed']}{' --bf16' if a.get('bf16') else ''}`: {log['steps_done']} steps, "
-            f"{log['train_tokens_seen']:,} tokens, {log['seconds'] / 60:.0f} min on {log['threads']} threads, "
-            f"torch {log['torch']}", f"- sources (passes): {sources}"]
+    phases: list[dict[str, Any]] = []
+    log: dict[str, Any] | None = json.loads(path.read_text())
+    while log is not None:
+        phases.insert(0, log)
+        log = log.get("init")
+    lines = ["Training (`scripts/train_tiny.py`):", ""]
+    passes: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    for k, phase in enumerate(phases, 1):
+        a = phase["args"]
+        src = ", ".join(f"{name} x {v['passes']:g}" for name, v in phase.get("sources", {}).items())
+        lines.append(
+            f"- phase {k}: `--lr {a['lr']} --min-lr {a['min_lr']} --warmup {a['warmup']} --batch {a['batch']} "
+            f"--seq {a['seq']} --seed {a['seed']} --aux-coef {a['aux_coef']} --balance {a.get('balance', 'pooled')}"
+            f"{' --bf16' if a.get('bf16') else ''}`{' from phase ' + str(k - 1) if k > 1 else ''}: "
+            f"{phase['steps_done']} steps, {phase['train_tokens_seen']:,} tokens, {phase['seconds'] / 60:.0f} min "
+            f"on {phase['threads']} threads, torch {phase['torch']}; sources (passes): {src}")
+        for name, v in phase.get("sources", {}).items():
+            passes[name] = passes.get(name, 0.0) + v["passes"]
+            tokens[name] = v["tokens"]
+    lines.append("- passes over each source, all phases: "
+                 + ", ".join(f"{name} ({tokens[name]:,} tokens) {passes[name]:g}" for name in passes))
+    return lines
 
 
 def verdict(ok: bool) -> str:

@@ -85,6 +85,19 @@ def parse_sources(spec: str) -> dict[str, float]:
     return out
 
 
+def check_total_passes(init: Path, sources: dict[str, float]) -> None:
+    """Refuse a phase that would take any source past 1.5 passes, counting every earlier phase."""
+    total = dict(sources)
+    log: dict[str, Any] | None = json.loads((init / "training_log.json").read_text())
+    while log is not None:
+        for name, v in log.get("sources", {}).items():
+            total[name] = total.get(name, 0.0) + v["passes"]
+        log = log.get("init")
+    over = {k: v for k, v in total.items() if v > 1.5 + 1e-9}
+    if over:
+        raise SystemExit(f"--sources: with the phases of {init} these sources pass 1.5: {over}")
+
+
 def training_sequences(
     sp: spm.SentencePieceProcessor, seq: int, seed: int, sources: dict[str, float]
 ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -193,6 +206,8 @@ def main() -> None:
     ap.add_argument("--stop-after", type=int, default=0, help="stop (saving the state) after N steps")
     args = ap.parse_args()
 
+    if args.init is not None:
+        check_total_passes(args.init, args.sources)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))

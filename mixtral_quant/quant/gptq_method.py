@@ -12,6 +12,7 @@ Dequantised: ``W[o, i] = scales[g_idx[i], o] * (q[i, o] - (qzeros_v1[g_idx[i], o
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -49,6 +50,16 @@ def dequantize_checkpoint(tensors: Mapping[str, torch.Tensor], bits: int) -> tor
     return grouped_dequantize(q, tensors["scales"], zeros, tensors["g_idx"]).t()
 
 
+def runtime_dequantize(tensors: Mapping[str, torch.Tensor], bits: int, size: int) -> torch.Tensor:
+    """float32 ``[O, I]`` of a weight whose groups are runs of ``size`` inputs, with the zeros already
+    unpacked (``tensors["zeros"]``, float16 ``[G, O]``): the arithmetic of :func:`grouped_dequantize`."""
+    q = unpack_qweight(tensors["qweight"], bits)  # [I, O]
+    n_in, n_out = q.shape
+    w = q.view(n_in // size, size, n_out).to(torch.float32)
+    w.sub_(tensors["zeros"].to(torch.float32)[:, None, :]).mul_(tensors["scales"].to(torch.float32)[:, None, :])
+    return w.view(n_in, n_out).t()
+
+
 class GPTQLayout:
     """Storage, loading and runtime shared by the methods that write the GPTQ layout."""
 
@@ -68,14 +79,20 @@ class GPTQLayout:
         require_shape("qzeros", tensors["qzeros"], (groups, out_features * bits // 32))
         require_shape("scales", tensors["scales"], (groups, out_features))
         require_shape("g_idx", tensors["g_idx"], (in_features,))
-        if trivial_group_size(tensors["g_idx"], groups) is not None:
-            return DequantLinear(tensors, self.dequantize, in_features, out_features)
+        # the zeros unpacked once, here (float16 holds every code exactly): per call only qweight unpacks
+        derived = {"zeros": (unpack_qzeros(tensors["qzeros"], bits) + 1).to(torch.float16)}
+        size = trivial_group_size(tensors["g_idx"], groups)
+        if size is not None:
+            return DequantLinear(tensors, partial(runtime_dequantize, bits=bits, size=size), in_features,
+                                 out_features, derived=derived)
         # act-order with dynamic groups: sort the inputs by group once, here, so that every call
         # broadcasts the grid over whole groups instead of gathering it per input row
         order = torch.argsort(tensors["g_idx"].to(torch.int64), stable=True)
         codes = unpack_qweight(tensors["qweight"], bits).index_select(0, order)
         by_group = {**tensors, "qweight": pack_qweight(codes, bits), "g_idx": tensors["g_idx"].index_select(0, order)}
-        return DequantLinear(by_group, self.dequantize, in_features, out_features, input_order=order)
+        size = in_features // groups
+        return DequantLinear(by_group, partial(runtime_dequantize, bits=bits, size=size), in_features,
+                             out_features, input_order=order, derived=derived)
 
     def quantization_config(self) -> dict[str, Any]:
         """GPTQModel's quantize_config keys (format ``gptq``, v1 zeros)."""

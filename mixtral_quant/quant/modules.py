@@ -5,7 +5,9 @@ on-disk names and ``.to(device)`` moves them) and rebuilds the weight on every c
 cached, so memory stays at the quantized size, at the price of one dequantization per forward.
 With ``input_order`` the stored tensors describe the weight's columns in that order (a GPTQ
 act-order weight sorted by group once, at load): the input is permuted to match, one gather of the
-activations per call instead of one of the weight's grid.
+activations per call instead of one of the weight's grid. ``derived`` tensors are small forms of the
+stored ones computed once at load (GPTQ's unpacked zeros), non-persistent buffers that ``state_dict()``
+leaves out but the memory count includes; the dequantizer sees them beside the stored tensors.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class DequantLinear(nn.Module):
         in_features: int,
         out_features: int,
         input_order: torch.Tensor | None = None,
+        derived: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -39,6 +42,9 @@ class DequantLinear(nn.Module):
         self._names = list(tensors)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
+        self._derived = list(derived or {})
+        for name, tensor in (derived or {}).items():
+            self.register_buffer(name, tensor, persistent=False)
         self.input_order: torch.Tensor | None
         self.register_buffer("input_order", input_order, persistent=False)
 
@@ -46,9 +52,12 @@ class DequantLinear(nn.Module):
         """The stored tensors, on the module's current device."""
         return {name: self.get_buffer(name) for name in self._names}
 
+    def _inputs(self) -> dict[str, torch.Tensor]:
+        return {name: self.get_buffer(name) for name in (*self._names, *self._derived)}
+
     def weight_float(self) -> torch.Tensor:
         """The dequantized weight, float32 ``[out, in]``, columns in the input's order."""
-        w = self._dequantize(self.stored())
+        w = self._dequantize(self._inputs())
         if self.input_order is None:
             return w
         return w[:, torch.argsort(self.input_order)]
@@ -56,7 +65,7 @@ class DequantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_order is not None:
             x = x.index_select(-1, self.input_order)
-        return F.linear(x, self._dequantize(self.stored()).to(x.dtype))
+        return F.linear(x, self._dequantize(self._inputs()).to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, stored={self._names}"

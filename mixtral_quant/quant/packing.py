@@ -89,22 +89,30 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Exact inverse of :func:`pack_rows`: int32 ``[n*bits/32, m]`` -> int32 codes ``[n, m]``."""
+    """Exact inverse of :func:`pack_rows`: int32 ``[n*bits/32, m]`` -> int32 codes ``[n, m]``.
+
+    int32 throughout: the codes that lie whole in a word come out of one broadcast shift of that word
+    (an arithmetic shift; the mask drops the sign bits), and a code that straddles two words (3 bits:
+    codes 10 and 21 of a run) is joined from its two parts."""
     layout = layout_for(bits)
     r, m = words.shape
     if r % layout.words_per_run:
         raise ConfigError(f"cannot unpack {r} rows of {bits}-bit words: need a multiple of {layout.words_per_run}")
-    if layout.words_per_run == 1:  # whole codes per word: int32 shifts, the sign bits masked off
+    if layout.words_per_run == 1:  # whole codes per word: one broadcast shift, no copy
         shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=words.device)[None, :, None]
         return ((words.to(torch.int32)[:, None, :] >> shifts) & layout.mask).reshape(-1, m)
-    runs = words.reshape(r // layout.words_per_run, layout.words_per_run, m).to(torch.int64)
-    runs = runs & _WORD_MASK
-    out = torch.zeros(runs.shape[0], layout.codes_per_run, m, dtype=torch.int64, device=words.device)
+    runs = words.to(torch.int32).reshape(r // layout.words_per_run, layout.words_per_run, m)
+    out = torch.empty(runs.shape[0], layout.codes_per_run, m, dtype=torch.int32, device=words.device)
     for w, terms in enumerate(layout.terms):
-        for k, shift in terms:
-            word = runs[:, w]
-            out[:, k] |= word >> shift if shift >= 0 else word << -shift
-    return (out & layout.mask).to(torch.int32).reshape(-1, m)
+        whole = [(k, s) for k, s in terms if 0 <= s <= WORD_BITS - bits]
+        first = whole[0][0]
+        shifts = torch.tensor([s for _, s in whole], dtype=torch.int32, device=words.device)[None, :, None]
+        out[:, first : first + len(whole)] = (runs[:, w, None] >> shifts) & layout.mask
+        for k, s in terms:
+            if s > WORD_BITS - bits:  # low bits at the top of this word, the rest at the bottom of the next
+                low = WORD_BITS - s
+                out[:, k] = ((runs[:, w] >> s) & ((1 << low) - 1)) | ((runs[:, w + 1] << low) & layout.mask)
+    return out.reshape(-1, m)
 
 
 def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
