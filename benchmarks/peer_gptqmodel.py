@@ -33,7 +33,7 @@ from mixtral_quant.checkpoint import DEFAULT_MODEL, CheckpointReader
 from mixtral_quant.eval.compare import Comparison, compare
 from mixtral_quant.eval.memory import bits_per_parameter, by_component, fp_parameters
 from mixtral_quant.eval.perplexity import NLLAccumulator, Window, WindowOutput, forward_windows
-from mixtral_quant.export.genai import write_tokenizer_files
+from mixtral_quant.hf_tokenizer import write_tokenizer_files
 from mixtral_quant.loading import load_model
 from mixtral_quant.recipe import Recipe, load_recipe
 from mixtral_quant.tokenizer import Tokenizer

@@ -14,18 +14,10 @@ import click
 import torch
 
 from . import __version__
+from .device import resolve_device
 from .errors import MixtralQuantError
 
 MODEL_HELP = "Model folder (Hugging Face layout). Default: the embedded tiny Mixtral."
-
-
-def pick_device(device: str) -> torch.device:
-    """'auto' is CUDA when a GPU is visible, else CPU; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MixtralQuantError("--device cuda was asked for but torch sees no CUDA GPU: use --device cpu")
-    return torch.device(device)
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,7 +85,7 @@ def generate(
     else:
         from .loading import load_model
 
-        m = load_model(folder, dtype=DTYPES[dtype], device=pick_device(device), no_verify=no_verify)
+        m = load_model(folder, dtype=DTYPES[dtype], device=resolve_device(device), no_verify=no_verify)
         new = run(m, ids, sampling, eos_id=tok.eos_id)
     new = [t for t in new if t != tok.eos_id]
     # Decode prompt and continuation together so the joining space survives.
@@ -129,7 +121,7 @@ def quantize(
     from .summary import quantize_summary
 
     r = load_recipe(recipe, bits=bits, group_size=group_size, samples=samples, seq_len=seq_len)
-    path = quantize_model(model, r, out, pick_device(device), resume=resume, overwrite=overwrite, progress=not quiet)
+    path = quantize_model(model, r, out, resolve_device(device), resume=resume, overwrite=overwrite, progress=not quiet)
     if not quiet:
         click.echo(quantize_summary(path, model))
     click.echo(f"wrote {path}")
@@ -276,7 +268,7 @@ def demo(out: Path, model: Path | None, recipes: tuple[str, ...], samples: int, 
     from .eval.report import markdown
 
     report = run_demo(out, model, list(recipes) or None, samples, eval_tokens, 512, check, not no_onnx,
-                      pick_device(device), say=click.echo)
+                      resolve_device(device), say=click.echo)
     click.echo(markdown(report))
     click.echo(f"reports in {out / 'report'}")
 

@@ -42,7 +42,7 @@ from .calibrate import LayerQuantizer, LayerReport, calibration_tokens
 from .checkpoint import INDEX_FILE, CheckpointReader, load_config, quantization_config, resolve_model
 from .config import read_config_json
 from .errors import IntegrityError, MixtralQuantError
-from .export.genai import write_tokenizer_files
+from .hf_tokenizer import write_tokenizer_files
 from .loading import check_checkpoint, load_layer
 from .quant import MethodName, get_method
 from .recipe import Recipe

@@ -58,8 +58,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mixtral_quant.checkpoint import INDEX_FILE
-from mixtral_quant.export.genai import TOKENIZER_CONFIG, TOKENIZER_JSON, build_tokenizer, read_sentencepiece
-from mixtral_quant.export.genai import tokenizer_config as hf_tokenizer_config
+from mixtral_quant.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, build_tokenizer, read_sentencepiece
+from mixtral_quant.hf_tokenizer import tokenizer_config as hf_tokenizer_config
 from mixtral_quant.loading import load_model
 from mixtral_quant.model import MixtralForCausalLM
 from mixtral_quant.pipeline import quantize_model

@@ -20,15 +20,9 @@ from sentencepiece import sentencepiece_model_pb2 as sp_pb
 from mixtral_quant.artifact import write_manifest
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.export import MODEL_FILE, Target, export_onnx
-from mixtral_quant.export.genai import (
-    GENAI_CONFIG,
-    TOKENIZER_CONFIG,
-    TOKENIZER_JSON,
-    genai_config,
-    read_sentencepiece,
-    write_genai_files,
-)
+from mixtral_quant.export.genai import GENAI_CONFIG, genai_config, write_genai_files
 from mixtral_quant.generate import Sampling, generate
+from mixtral_quant.hf_tokenizer import TOKENIZER_CONFIG, TOKENIZER_JSON, read_sentencepiece
 from mixtral_quant.loading import load_model, new_model
 from mixtral_quant.quant import MethodName, QuantConfig, get_method
 from mixtral_quant.tokenizer import Tokenizer

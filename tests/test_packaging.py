@@ -170,3 +170,11 @@ def test_moby_dick_is_a_named_dataset_like_wiki_test() -> None:
     assert named.sha256 == as_file.sha256 == "a0360ad225f10b773b176e2cbd29e2181564cd89826e5a6ce89dd3fd16f9df48"
     assert named.tokens.tolist() == as_file.tokens.tolist() and named.tokens[0] == 1
     assert len(named.tokens) == 315_752 + 1  # PROVENANCE.md's token count, plus BOS
+
+
+def test_quantize_does_not_import_the_exporters() -> None:
+    """``mixtral-quant quantize`` loads the pipeline only: no ONNX, onnxruntime or GGUF code."""
+    code = ("import sys, mixtral_quant.pipeline, mixtral_quant.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith(('mixtral_quant.export', 'onnx', 'gguf'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

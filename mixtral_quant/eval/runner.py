@@ -33,6 +33,7 @@ import mixtral_quant
 from mixtral_quant.artifact import check_source
 from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization_config
 from mixtral_quant.config import MixtralConfig, function_differences
+from mixtral_quant.device import resolve_device
 from mixtral_quant.errors import CheckpointError, MixtralQuantError
 from mixtral_quant.eval.compare import Comparison, ComparisonAccumulator
 from mixtral_quant.eval.data import load_dataset, tokenizer_for
@@ -74,21 +75,6 @@ class RegressionError(MixtralQuantError):
         self.violations = [r for r in results if not r.passed]
         self.report = report
         super().__init__(f"{len(self.violations)} evaluation bound(s) violated:\n{self.table}")
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> cuda if available else cpu; "cpu", "cuda" or "cuda:N" as given (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise MixtralQuantError(f"device {device!r} is not one of auto, cpu, cuda") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise MixtralQuantError(f"device {device!r} is not one of auto, cpu, cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MixtralQuantError("--device cuda was asked but no CUDA device is available: use --device cpu or auto")
-    return dev
 
 
 class CheckpointLayers:
