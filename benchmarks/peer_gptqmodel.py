@@ -31,11 +31,13 @@ from safetensors.torch import load_file, save_file
 from mixtral_quant.calibrate import calibration_tokens
 from mixtral_quant.checkpoint import DEFAULT_MODEL, CheckpointReader
 from mixtral_quant.eval.compare import Comparison, compare
-from mixtral_quant.eval.memory import bits_per_parameter, by_component, fp_parameters
+from mixtral_quant.eval.memory import bits_per_parameter
 from mixtral_quant.eval.perplexity import NLLAccumulator, Window, WindowOutput, forward_windows
 from mixtral_quant.hf_tokenizer import write_tokenizer_files
 from mixtral_quant.loading import load_model
+from mixtral_quant.model import by_component
 from mixtral_quant.recipe import Recipe, load_recipe
+from mixtral_quant.sizes import parameter_counts
 from mixtral_quant.tokenizer import Tokenizer
 
 RECIPE = "gptq-w4g128-noact"
@@ -143,7 +145,7 @@ def measure_peer(
                 scored(forward_windows(model, tokens, windows, "cpu", router_logits=True)), top_k=top_k)  # fmt: skip
     with CheckpointReader(folder) as r:
         stored = by_component((n, r.nbytes(n)) for n in r.names)
-    bits = bits_per_parameter(stored, fp_parameters(model.cfg))["total"]
+    bits = bits_per_parameter(stored, parameter_counts(model.cfg))["total"]
     assert bits is not None
     return acc.result(0, 0, False).ppl, c, bits
 

@@ -10,10 +10,8 @@ from pathlib import Path
 
 from .checkpoint import CheckpointReader, load_config, quantization_config, resolve_model
 from .config import MixtralConfig
-from .model import component_of
+from .model import COMPONENTS, by_component
 from .sizes import parameter_counts
-
-COMPONENTS = ("experts", "attention", "router", "embeddings", "norms")
 
 
 @dataclass
@@ -45,12 +43,10 @@ def inventory(folder: str | Path | None) -> Inventory:
     cfg = load_config(path)
     inv = Inventory(path, cfg, quantization_config(path), parameter_counts(cfg))
     with CheckpointReader(path) as reader:
+        inv.bytes_by_component = by_component((name, reader.nbytes(name)) for name in reader.names)
         for name in reader.names:
-            n = reader.nbytes(name)
-            comp = component_of(name)
-            inv.bytes_by_component[comp] = inv.bytes_by_component.get(comp, 0) + n
             dt = reader.dtype(name)
-            inv.bytes_by_dtype[dt] = inv.bytes_by_dtype.get(dt, 0) + n
+            inv.bytes_by_dtype[dt] = inv.bytes_by_dtype.get(dt, 0) + reader.nbytes(name)
         inv.shards = {f.name: f.stat().st_size for f in reader.files}
     return inv
 
@@ -86,7 +82,7 @@ def format_inventory(inv: Inventory) -> str:
     lines.append("")
     lines.append(f"{'component':<12}{'params':>12}{'bytes':>14}{'bits/param':>12}")
     for comp in COMPONENTS:
-        if inv.params.get(comp, 0) == 0 and comp not in inv.bytes_by_component:
+        if inv.params.get(comp, 0) == 0 and inv.bytes_by_component.get(comp, 0) == 0:
             continue
         lines.append(f"{comp:<12}{human_count(inv.params.get(comp, 0)):>12}"
                      f"{human_bytes(inv.bytes_by_component.get(comp, 0)):>14}{inv.bits_per_param(comp):>12.3f}")

@@ -10,6 +10,7 @@ D head dim, M model (hidden) dim, I expert (intermediate) dim, E experts, K acti
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -252,12 +253,20 @@ def load_balancing_loss(
     return (f * p[None]).sum() * n_exp
 
 
+COMPONENTS = ("experts", "attention", "router", "embeddings", "norms")
+
+
 def parameter_groups(model: MixtralForCausalLM) -> dict[str, int]:
     """Parameter counts by component: experts (or mlp), attention, router, embeddings, norms."""
-    groups = {"experts": 0, "attention": 0, "router": 0, "embeddings": 0, "norms": 0}
-    for name, p in model.named_parameters():
-        groups[component_of(name)] += p.numel()
-    return groups
+    return by_component((name, p.numel()) for name, p in model.named_parameters())
+
+
+def by_component(named: Iterable[tuple[str, int]]) -> dict[str, int]:
+    """Sum (tensor name, count) pairs per component; every component is present (0 if empty)."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    for name, n in named:
+        out[component_of(name)] += n
+    return out
 
 
 def component_of(name: str) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .inventory import COMPONENTS, human_bytes, inventory
+from .inventory import human_bytes, inventory
+from .model import COMPONENTS
 
 
 def quantize_summary(artifact: Path, source: Path | None) -> str:
@@ -26,7 +27,7 @@ def quantize_summary(artifact: Path, source: Path | None) -> str:
     lines.append("")
     lines.append(f"{'component':<12}{'before':>12}{'after':>12}{'bits/param':>12}")
     for comp in COMPONENTS:
-        if comp in before.bytes_by_component:
+        if before.bytes_by_component.get(comp, 0) or after.bytes_by_component.get(comp, 0):
             lines.append(f"{comp:<12}{human_bytes(before.bytes_by_component[comp]):>12}"
                          f"{human_bytes(after.bytes_by_component.get(comp, 0)):>12}{after.bits_per_param(comp):>12.3f}")
     lines.append(f"{'total':<12}{human_bytes(before.total_bytes):>12}{human_bytes(after.total_bytes):>12}"

@@ -20,15 +20,7 @@ from mixtral_quant.config import PRESETS, MoEArgs
 from mixtral_quant.errors import MixtralQuantError
 from mixtral_quant.eval.compare import Comparison
 from mixtral_quant.eval.data import WIKI_TEST
-from mixtral_quant.eval.memory import (
-    COMPONENTS,
-    MemoryReport,
-    PeakKind,
-    PeakMeasure,
-    bits_per_parameter,
-    fp_parameters,
-    memory_bytes,
-)
+from mixtral_quant.eval.memory import COMPONENTS, MemoryReport, PeakKind, PeakMeasure, bits_per_parameter, memory_bytes
 from mixtral_quant.eval.perplexity import PerplexityResult
 from mixtral_quant.eval.report import (
     SCHEMA_VERSION,
@@ -41,8 +33,9 @@ from mixtral_quant.eval.report import (
     write_reports,
 )
 from mixtral_quant.eval.runner import RegressionError, evaluate
-from mixtral_quant.model import MixtralForCausalLM
+from mixtral_quant.model import MixtralForCausalLM, parameter_groups
 from mixtral_quant.quant import MethodName, QuantConfig, get_method
+from mixtral_quant.sizes import parameter_counts
 
 
 def model_result(
@@ -187,7 +180,8 @@ def test_runner_end_to_end(tmp_path: Path) -> None:
 def test_memory_accounting() -> None:
     torch.manual_seed(0)
     model = MixtralForCausalLM(CFG)
-    params = fp_parameters(CFG)
+    params = parameter_counts(CFG)  # the formula, checked against the model's own parameters
+    assert params == parameter_groups(model)
     assert memory_bytes(model) == {c: 4 * n for c, n in params.items()}
     assert bits_per_parameter(memory_bytes(model.to(torch.bfloat16)), params)["total"] == 16.0
     method = get_method(QuantConfig.for_method(MethodName.NF4))
@@ -288,3 +282,12 @@ def test_one_lockstep_pass_over_the_windows(tmp_path: Path, monkeypatch: pytest.
     with CheckpointReader(base) as r:
         assert base_reads == dict.fromkeys(r.names, 1)
     assert layered.variant("w8-b").perplexity.ppl == pytest.approx(report.variant("w8-b").perplexity.ppl, rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x7b", "mistral-7b", "tiny"])
+def test_parameter_formula_is_the_models_count(preset: str) -> None:
+    """bits/param divides by sizes.parameter_counts: it equals the parameters of the model built on meta."""
+    cfg = PRESETS[preset]
+    with torch.device("meta"):
+        model = MixtralForCausalLM(cfg)
+    assert parameter_counts(cfg) == parameter_groups(model)

@@ -30,17 +30,8 @@ import torch
 from torch import nn
 
 from mixtral_quant.config import MixtralConfig
-from mixtral_quant.model import MixtralForCausalLM, component_of, parameter_groups
-
-COMPONENTS = ("experts", "attention", "router", "embeddings", "norms")
-
-
-def by_component(named_bytes: Iterable[tuple[str, int]]) -> dict[str, int]:
-    """Sum (tensor name, bytes) pairs per component; every component is present (0 if empty)."""
-    out = dict.fromkeys(COMPONENTS, 0)
-    for name, n in named_bytes:
-        out[component_of(name)] += n
-    return out
+from mixtral_quant.model import COMPONENTS, by_component
+from mixtral_quant.sizes import parameter_counts
 
 
 def memory_bytes(model: nn.Module, prefix: str = "") -> dict[str, int]:
@@ -72,13 +63,6 @@ def memory_bytes(model: nn.Module, prefix: str = "") -> dict[str, int]:
     for name, b in model.named_buffers(prefix, remove_duplicate=False):
         add(name, b)
     return by_component(named)
-
-
-def fp_parameters(cfg: MixtralConfig) -> dict[str, int]:
-    """Parameter count per component of the floating-point model of ``cfg`` (built on meta)."""
-    with torch.device("meta"):
-        model = MixtralForCausalLM(cfg)
-    return parameter_groups(model)
 
 
 def bits_per_parameter(stored: dict[str, int], params: dict[str, int]) -> dict[str, float | None]:
@@ -204,5 +188,5 @@ def memory_report(
     """Memory by component of a model (``in_memory`` from :func:`memory_bytes`) and, when given as
     (name, nbytes) pairs, of its checkpoint; bits per parameter use the checkpoint when given."""
     disk = by_component(disk_tensors) if disk_tensors is not None else None
-    params = fp_parameters(cfg)
+    params = parameter_counts(cfg)
     return MemoryReport(disk, in_memory, params, bits_per_parameter(disk or in_memory, params), peak, notes or [])
