@@ -181,6 +181,23 @@ def prepare_output(out: Path, overwrite: bool, resume: bool, source: Path | None
     return work
 
 
+def read_state(work: Path, identity: dict[str, Any], fields: dict[str, type], started_with: str) -> dict[str, Any]:
+    """The commit point (``state.json``) of an interrupted run in ``work``: parsed, each of ``fields``
+    present with its type, and started from the same ``identity`` (what changes the output's bytes:
+    source files, settings, tool version); IntegrityError when damaged, MixtralQuantError when it
+    belongs to ``started_with`` (another source or settings)."""
+    damaged = f"{work / STATE} is damaged"
+    try:
+        state = json.loads((work / STATE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise IntegrityError(f"{damaged} (not JSON): start over with --overwrite") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in fields.items()):
+        raise IntegrityError(f"{damaged} (fields missing): start over with --overwrite")
+    if state.get("identity") != identity:
+        raise MixtralQuantError(f"{work} was started with {started_with}: start over with --overwrite")
+    return state
+
+
 def remove_scraps(folder: Path) -> None:
     """Delete half-written files a killed run leaves: ours end in ``.tmp``; safetensors (0.8) writes
     through a ``.tmpXXXXXX`` file it renames when done."""

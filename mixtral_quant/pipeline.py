@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import json
 import shutil
 import time
 from dataclasses import asdict
@@ -31,6 +30,7 @@ from .artifact import (
     output_lock,
     prepare_output,
     publish,
+    read_state,
     remove_scraps,
     run_errors,
     sha256_bytes,
@@ -118,7 +118,7 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     n_shards = cfg.num_hidden_layers + 1
     state: dict[str, Any] = {"identity": identity, "layers_done": 0, "reports": [], "files": {}}
     if resume and (work / STATE).is_file():
-        state = read_state(work, identity, n_shards)
+        state = read_layer_state(work, identity, n_shards)
     done = int(state["layers_done"])
     if done == 0:
         head = {n: reader.get(n) for n in reader.names if not n.startswith("model.layers.")}
@@ -161,20 +161,12 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     return publish(work, out)
 
 
-def read_state(work: Path, identity: dict[str, Any], n_shards: int) -> dict[str, Any]:
+def read_layer_state(work: Path, identity: dict[str, Any], n_shards: int) -> dict[str, Any]:
     """The commit point of an interrupted run, checked: the same inputs, and every file it names
     (shards, saved activations) present with the bytes it recorded."""
     damaged = f"{work / STATE} is damaged"
-    try:
-        state = json.loads((work / STATE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise IntegrityError(f"{damaged} (not JSON): start over with --overwrite") from None
-    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or not isinstance(
-            state.get("layers_done"), int) or not isinstance(state.get("reports"), list):
-        raise IntegrityError(f"{damaged} (fields missing): start over with --overwrite")
-    if state.get("identity") != identity:
-        raise MixtralQuantError(f"{work} was started with another source model (weights, config or tokenizer), "
-                                "recipe or calibration data: start over with --overwrite")
+    state = read_state(work, identity, {"files": dict, "layers_done": int, "reports": list},
+                       "another source model (weights, config or tokenizer), recipe or calibration data")
     if not 0 <= state["layers_done"] < n_shards:
         raise IntegrityError(f"{damaged} (layers_done {state['layers_done']}): start over with --overwrite")
     for name, digest in sorted(state["files"].items()):

@@ -121,6 +121,11 @@ def test_resume_refuses_a_damaged_partial_export(tmp_path: Path, variant: Path,
     data.write_bytes(bytes(raw[: committed // 2]))
     with pytest.raises(IntegrityError, match="shorter than its run state"):
         export_onnx(variant, out, progress=False, resume=True)
+    state = partial_dir(out) / STATE
+    for damaged in ("{", '{"data_bytes": "12"}'):  # cut short, a field of the wrong type
+        state.write_text(damaged)
+        with pytest.raises(IntegrityError, match="state.json is damaged"):
+            export_onnx(variant, out, progress=False, resume=True)
     export_onnx(variant, out, progress=False, overwrite=True)  # starting over is always possible
     assert not partial_dir(out).exists()
 

@@ -34,13 +34,14 @@ from mixtral_quant.artifact import (
     prepare_output,
     publish,
     read_manifest,
+    read_state,
     remove_scraps,
     run_errors,
     sha256_file,
     write_json,
     write_manifest,
 )
-from mixtral_quant.errors import CheckpointError, MixtralQuantError
+from mixtral_quant.errors import CheckpointError
 from mixtral_quant.export.common import (
     ATTENTION_MASK,
     DATA_FILE,
@@ -210,11 +211,9 @@ def export_onnx(
         work = prepare_output(out, overwrite, resume, variant)
         keep = 0
         if resume and (work / STATE).is_file():
-            state = json.loads((work / STATE).read_text())
-            if state.get("identity") != identity:
-                raise MixtralQuantError(f"{work} was started from another variant or with other options: "
-                                        "start over with --overwrite")
-            keep = int(state["data_bytes"])
+            state = read_state(work, identity, {"data_bytes": int, "layers_done": int},
+                               "another variant or other options")
+            keep = state["data_bytes"]
         ctx = ExportContext(cfg, quant, reader, dtype, nf4_experts)
         with closing(ExternalData(work / DATA_FILE, keep)) as data:
             g = GraphBuilder(data, name=f"{cfg.model_type}_decoder")
