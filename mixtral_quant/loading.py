@@ -24,6 +24,7 @@ from .model import DecoderLayer, MixtralForCausalLM
 from .quant import MethodName, QuantConfig, get_method
 from .quant.base import Method
 from .sizes import check_fits, parameter_counts, tensor_shapes
+from .stored_linear import quantized_tensors
 
 
 def quant_config_from_hf(d: dict[str, Any]) -> QuantConfig:
@@ -91,11 +92,6 @@ def check_layout(reader: CheckpointReader, cfg: MixtralConfig) -> None:
     if any(n.startswith(beyond) for n in names):
         raise CheckpointError(f"{reader.folder} holds layer {cfg.num_hidden_layers}, but its config.json says "
                               f"{cfg.num_hidden_layers} layers")
-
-
-def _marker(method: Method) -> str:
-    """A stored name that only a quantized linear of this method has (not plain 'weight')."""
-    return next(n for n in method.tensor_names() if n != "weight")
 
 
 def load_model(
@@ -195,14 +191,10 @@ def _load_linear(
     if name == "lm_head" and model.cfg.tie_word_embeddings and "lm_head.weight" not in reader.where:
         return
     out_f, in_f = module.out_features, module.in_features
-    if method is not None and f"{name}.{_marker(method)}" in reader.where:
-        tensors = {}
-        for suffix in method.tensor_names():
-            full = f"{name}.{suffix}"
-            if full not in reader.where:
-                raise CheckpointError(f"quantized {name} is missing {full} in {reader.folder}")
-            tensors[suffix] = reader.get(full)
-            used.add(full)
+    tensors = quantized_tensors(reader, method, name)
+    if tensors is not None:
+        assert method is not None
+        used.update(f"{name}.{suffix}" for suffix in tensors)
         quantized = method.make_module(tensors, in_f, out_f).to(device)
         model.set_submodule(name, quantized)
         return

@@ -63,6 +63,7 @@ from mixtral_quant.loading import load_model, quant_config_from_hf
 from mixtral_quant.model import DecoderLayer, MixtralForCausalLM, RMSNorm
 from mixtral_quant.quant import get_method
 from mixtral_quant.sizes import free_bytes
+from mixtral_quant.stored_linear import quantized_tensors
 
 FIT_SHARE = 0.8  # of free device memory all models' weights together may take in plain mode
 
@@ -85,8 +86,6 @@ class CheckpointLayers:
         self._cfg = load_config(folder)
         qc = quantization_config(folder)
         self.method = get_method(quant_config_from_hf(qc)) if qc else None
-        # a stored name only a quantized linear has (loading.load_model's rule)
-        self.marker = next(n for n in self.method.tensor_names() if n != "weight") if self.method else ""
         self._dtype = dtype
         self.loaded = dict.fromkeys(COMPONENTS, 0)  # bytes of every part handed out (once per part)
         self.used: set[str] = set()
@@ -108,8 +107,11 @@ class CheckpointLayers:
     def _fill(self, module: nn.Module, prefix: str, device: torch.device) -> nn.Module:
         for name, sub in list(module.named_modules()):
             full = f"{prefix}.{name}" if name else prefix
-            if isinstance(sub, nn.Linear) and self.method and f"{full}.{self.marker}" in self.reader.where:
-                tensors = {s: self._get(f"{full}.{s}", device, cast=False) for s in self.method.tensor_names()}
+            tensors = None
+            if isinstance(sub, nn.Linear):
+                tensors = quantized_tensors(self.reader, self.method, full, lambda n: self._get(n, device, cast=False))
+            if tensors is not None:
+                assert self.method is not None and isinstance(sub, nn.Linear)
                 quantized = self.method.make_module(tensors, sub.in_features, sub.out_features)
                 if not name:  # the part is the linear itself
                     module = quantized

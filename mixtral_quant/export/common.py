@@ -33,6 +33,7 @@ from mixtral_quant.export.graph import GraphBuilder
 from mixtral_quant.loading import quant_config_from_hf
 from mixtral_quant.quant import MethodName, QuantConfig, get_method
 from mixtral_quant.quant.packing import unpack_qweight, unpack_qzeros
+from mixtral_quant.stored_linear import quantized_tensors
 
 
 class Target(str, Enum):
@@ -87,23 +88,6 @@ def open_variant(folder: Path) -> Iterator[tuple[MixtralConfig, QuantConfig | No
 
 
 # Linear weights and their forms ---------------------------------------------------------------------
-_MARKER = {
-    MethodName.GPTQ: "qweight",
-    MethodName.RTN: "qweight",
-    MethodName.NF4: "weight.absmax",
-    MethodName.INT8: "SCB",
-    MethodName.W8: "weight_scale",
-}
-_NF4_NAMES = [
-    "weight",
-    "weight.absmax",
-    "weight.quant_map",
-    "weight.nested_absmax",
-    "weight.nested_quant_map",
-    "weight.quant_state.bitsandbytes__nf4",
-]
-
-
 @dataclass
 class LinearWeights:
     """One linear layer as stored: ``tensors`` relative to ``prefix``; ``quant`` None when float."""
@@ -136,9 +120,8 @@ def read_linear(
     skip: frozenset[str] = frozenset(),
 ) -> LinearWeights:
     """The stored tensors of ``prefix`` (less ``skip``): quantized when the method's marker is present."""
-    if quant is not None and f"{prefix}.{_MARKER[quant.method]}" in reader.where:
-        names = _NF4_NAMES if quant.method is MethodName.NF4 else get_method(quant).tensor_names()
-        tensors = {n: reader.get(f"{prefix}.{n}") for n in names if n not in skip and f"{prefix}.{n}" in reader.where}
+    tensors = quantized_tensors(reader, get_method(quant) if quant else None, prefix, skip=skip)
+    if tensors is not None:
         return LinearWeights(prefix, out_features, in_features, quant, tensors)
     return LinearWeights(prefix, out_features, in_features, None, {"weight": reader.get(f"{prefix}.weight")})
 
