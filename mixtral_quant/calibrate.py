@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import partial
 from typing import Any
 
@@ -31,7 +32,7 @@ from .errors import MixtralQuantError
 from .model import DecoderLayer, Expert
 from .quant import HessianAccumulator, MethodName, get_method
 from .quant.base import Method, QuantResult
-from .recipe import ExpertPolicy, Fallback, Recipe
+from .recipe import ExpertCalibration, ExpertPolicy, Fallback, Recipe
 from .textfile import read_text
 from .tokenizer import Tokenizer
 
@@ -52,6 +53,33 @@ def calibration_tokens(recipe: Recipe, tokenizer: Tokenizer) -> torch.Tensor:
     gen = torch.Generator().manual_seed(cal.seed)
     pick = torch.randperm(windows, generator=gen)[: cal.samples].sort().values
     return torch.stack([ids[w * cal.seq_len : (w + 1) * cal.seq_len] for w in pick.tolist()])
+
+
+class HessianSource(str, Enum):
+    ROUTED = "routed"  # the tokens the router sends the expert
+    ALL_TOKENS = "all-tokens"  # every calibration token
+
+
+def expert_sources(tokens_per_expert: list[int], total: int, policy: ExpertCalibration, gptq: bool
+                   ) -> tuple[dict[int, HessianSource | None], dict[int, str | None]]:
+    """Where each expert's Hessian comes from, and why when it is a fallback.
+
+    ROUTED (the tokens the router sends it), ALL_TOKENS (every calibration token: the all-tokens policy,
+    or the all-tokens fallback of an expert with fewer than ``min_token_share`` of the tokens) or None
+    (round-to-nearest fallback; every expert of a method without a Hessian). ``total``: calibration tokens."""
+    source: dict[int, HessianSource | None] = {}
+    notes: dict[int, str | None] = {}
+    for e, n in enumerate(tokens_per_expert):
+        if policy.policy is ExpertPolicy.ALL_TOKENS:
+            source[e], notes[e] = HessianSource.ALL_TOKENS, None
+        elif n < policy.min_token_share * total:
+            source[e] = HessianSource.ALL_TOKENS if policy.fallback is Fallback.ALL_TOKENS else None
+            notes[e] = f"{policy.fallback.value}: {n} of {total} tokens < {policy.min_token_share:.2%}"
+        else:
+            source[e], notes[e] = HessianSource.ROUTED, None
+    if not gptq:
+        source = dict.fromkeys(source)
+    return source, notes
 
 
 @dataclass
@@ -193,72 +221,63 @@ class LayerQuantizer:
             o = self.layer.self_attn.o_proj
             acc = self.capture(h, {"o": o}, self.attn_out)["o"] if gptq else None
             self.quantize(["self_attn.o_proj"], acc)
-        self.count_tokens(h)
+        # the MLP's inputs, once per stage: attention is final from here on
+        mlp_in = torch.cat(self.each_chunk(h, self.mlp_input))
+        self.count_tokens(mlp_in)
         if self.recipe.quantizes("experts"):
             if self.layer.block_sparse_moe is not None:
-                self.quantize_experts(h, gptq)
+                self.quantize_experts(mlp_in, gptq)
             else:
-                self.quantize_dense_mlp(h, gptq)
+                self.quantize_dense_mlp(mlp_in, gptq)
+        del mlp_in
         out = torch.cat(self.each_chunk(h, lambda x: self.layer(x, self.ctx(x.shape[0], x.shape[1]))[0]))
         self.report.seconds = time.time() - t0
         return out
 
-    def count_tokens(self, h: torch.Tensor) -> None:
+    def count_tokens(self, mlp_in: torch.Tensor) -> None:
         moe = self.layer.block_sparse_moe
         if moe is None:
-            self.report.tokens_per_expert = [h.shape[0] * h.shape[1]]
+            self.report.tokens_per_expert = [mlp_in.shape[0] * mlp_in.shape[1]]
             return
         counts = torch.zeros(len(moe.experts), dtype=torch.int64)
 
         def count(x: torch.Tensor) -> None:
-            logits = moe.gate(self.mlp_input(x).reshape(-1, x.shape[-1]))
+            logits = moe.gate(x.reshape(-1, x.shape[-1]))
             counts.add_(torch.bincount(logits.topk(moe.top_k, dim=-1).indices.flatten().cpu(), minlength=len(counts)))
 
-        self.each_chunk(h, count)
+        self.each_chunk(mlp_in, count)
         self.report.tokens_per_expert = counts.tolist()
 
     def quantize_experts(self, h: torch.Tensor, gptq: bool) -> None:
-        """w1/w3 of every expert, then w2 from the quantized w1/w3's outputs.
+        """w1/w3 of every expert, then w2 from the quantized w1/w3's outputs; ``h`` is the MoE block's
+        input (after the post-attention norm).
 
-        Each expert's Hessian source: "routed" (its routed tokens), "all" (every calibration token:
+        Each expert's Hessian source: ROUTED (its routed tokens), ALL_TOKENS (every calibration token:
         the all-tokens policy, or the all-tokens fallback of a starved expert) or None (RTN fallback).
         """
         moe = self.layer.block_sparse_moe
         assert moe is not None
         experts: list[Expert] = list(moe.experts)  # type: ignore[arg-type]
-        ex = self.recipe.experts
-        total = h.shape[0] * h.shape[1]
-        source: dict[int, str | None] = {}
-        notes: dict[int, str | None] = {}
-        for e, n in enumerate(self.report.tokens_per_expert):
-            starved = n < ex.min_token_share * total
-            if ex.policy is ExpertPolicy.ALL_TOKENS:
-                source[e], notes[e] = "all", None
-            elif starved:
-                source[e] = "all" if ex.fallback is Fallback.ALL_TOKENS else None
-                notes[e] = f"{ex.fallback.value}: {n} of {total} tokens < {ex.min_token_share:.2%}"
-            else:
-                source[e], notes[e] = "routed", None
-        if not gptq:
-            source = dict.fromkeys(source)
+        source, notes = expert_sources(self.report.tokens_per_expert, h.shape[0] * h.shape[1],
+                                       self.recipe.experts, gptq)
 
         def run_moe(x: torch.Tensor) -> Any:
-            return moe(self.mlp_input(x))
+            return moe(x)
 
-        shared = self.hessian_of(h, self.mlp_input) if "all" in source.values() else None
-        routed = [e for e in range(len(experts)) if source[e] == "routed"]
+        shared = self.hessian_of(h, _same) if HessianSource.ALL_TOKENS in source.values() else None
+        routed = [e for e in range(len(experts)) if source[e] is HessianSource.ROUTED]
         captured: dict[str, HessianAccumulator] = {}
         for e in range(len(experts)):
-            if source[e] == "routed" and str(e) not in captured:
+            if source[e] is HessianSource.ROUTED and str(e) not in captured:
                 captured = self._capture_group(h, experts, routed, e, "w1", run_moe)
-            acc = shared if source[e] == "all" else captured.pop(str(e), None)
+            acc = shared if source[e] is HessianSource.ALL_TOKENS else captured.pop(str(e), None)
             self.quantize([f"block_sparse_moe.experts.{e}.{w}" for w in ("w1", "w3")], acc, notes[e])
         del shared
         for e, expert in enumerate(experts):
-            if source[e] == "routed" and str(e) not in captured:
+            if source[e] is HessianSource.ROUTED and str(e) not in captured:
                 captured = self._capture_group(h, experts, routed, e, "w2", run_moe)
-            if source[e] == "all":
-                acc = self.hessian_of(h, partial(self._hidden_of, expert))
+            if source[e] is HessianSource.ALL_TOKENS:
+                acc = self.hessian_of(h, partial(_swiglu_hidden, expert))
             else:
                 acc = captured.pop(str(e), None)
             self.quantize([f"block_sparse_moe.experts.{e}.w2"], acc, notes[e])
@@ -274,16 +293,18 @@ class LayerQuantizer:
         group = routed[start : start + per_pass]
         return self.capture(h, {str(k): getattr(experts[k], linear) for k in group}, run)
 
-    def _hidden_of(self, expert: Expert, x: torch.Tensor) -> torch.Tensor:
-        return _swiglu_hidden(expert, self.mlp_input(x))
-
     def quantize_dense_mlp(self, h: torch.Tensor, gptq: bool) -> None:
+        """gate/up, then down, of a dense MLP whose input (after the post-attention norm) is ``h``."""
         mlp = self.layer.mlp
         assert mlp is not None
-        acc = self.hessian_of(h, self.mlp_input) if gptq else None
+        acc = self.hessian_of(h, _same) if gptq else None
         self.quantize(["mlp.gate_proj", "mlp.up_proj"], acc)
-        down = self.capture(h, {"d": mlp.down_proj}, lambda x: mlp(self.mlp_input(x)))["d"] if gptq else None
+        down = self.capture(h, {"d": mlp.down_proj}, mlp)["d"] if gptq else None
         self.quantize(["mlp.down_proj"], down)
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
 def _swiglu_hidden(expert: Expert, x: torch.Tensor) -> torch.Tensor:

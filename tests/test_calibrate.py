@@ -198,3 +198,21 @@ def test_shared_input_linears_stacked_give_the_bytes_of_one_by_one(recipe, tmp_p
     for name in files:
         assert (stacked / name).read_bytes() == (alone / name).read_bytes(), name
     assert (stacked / "calibration.json").is_file()
+
+
+@pytest.mark.parametrize("fallback", ["rtn", "all-tokens"])
+def test_expert_sources_follow_the_policy(fallback: str) -> None:
+    """1000 calibration tokens, top-2 (2000 slots): an expert under 0.5 % of the tokens (5) falls back."""
+    from mixtral_quant.calibrate import HessianSource, expert_sources
+    from mixtral_quant.recipe import ExpertCalibration, ExpertPolicy, Fallback
+
+    counts = [995, 4, 5, 996]
+    fb = Fallback(fallback)
+    source, notes = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ROUTED, 0.005, fb), gptq=True)
+    routed, every = HessianSource.ROUTED, HessianSource.ALL_TOKENS
+    assert source == {0: routed, 1: every if fb is Fallback.ALL_TOKENS else None, 2: routed, 3: routed}
+    assert notes[1] == f"{fallback}: 4 of 1000 tokens < 0.50%" and notes[0] is notes[2] is notes[3] is None
+    all_tokens, _ = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ALL_TOKENS, 0.005, fb), gptq=True)
+    assert set(all_tokens.values()) == {every}
+    no_hessian, _ = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ROUTED, 0.005, fb), gptq=False)
+    assert set(no_hessian.values()) == {None}

@@ -124,7 +124,7 @@ def test_resume_refuses_a_damaged_partial_export(tmp_path: Path, variant: Path,
     state = partial_dir(out) / STATE
     for damaged in ("{", '{"data_bytes": "12"}'):  # cut short, a field of the wrong type
         state.write_text(damaged)
-        with pytest.raises(IntegrityError, match="state.json is damaged"):
+        with pytest.raises(IntegrityError, match=r"state\.json is damaged"):
             export_onnx(variant, out, progress=False, resume=True)
     export_onnx(variant, out, progress=False, overwrite=True)  # starting over is always possible
     assert not partial_dir(out).exists()
