@@ -141,7 +141,7 @@ class LayerQuantizer:
         takes them as one stacked matrix (one Cholesky, one sweep: the same codes as one by one)."""
         modules = [self._linear(n) for n in names]
         method = self.method
-        if fallback is not None and self.recipe.quant.method is MethodName.GPTQ:
+        if fallback is not None and self.method.needs_hessian:
             self.report.fallbacks.update(dict.fromkeys(names, fallback))
             if hessian is None:
                 method = self.fallback_method

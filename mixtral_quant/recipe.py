@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
-from .quant import MethodName, QuantConfig
+from .quant import MethodName, QuantConfig, get_method
 
 
 def _calibration_dir() -> Path:
@@ -98,7 +98,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.quant.method is MethodName.GPTQ
+        """Whether the method declares it needs each linear's input Hessian (a full calibration set)."""
+        return get_method(self.quant).needs_hessian
 
     def quantizes(self, component: str) -> bool:
         return component in QUANTIZABLE and component not in self.keep
