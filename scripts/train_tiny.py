@@ -1,6 +1,6 @@
 """Train the embedded tiny Mixtral from scratch on CPU, reproducibly, resumable after an interruption.
 
-The shipped model is three seeded phases (about 1 h 45 min, 37 min and 15 min on 2 cores):
+The shipped model is three seeded phases (about 1 h 45 min, 37 min and 12 min on 2 cores):
 
     python scripts/train_tiny.py --out exports/tiny/p1 --state exports/tiny/p1.pt --bf16
     python scripts/train_tiny.py --init exports/tiny/p1 --out exports/tiny/p2 --state exports/tiny/p2.pt --bf16 \
