@@ -111,18 +111,21 @@ def trivial_group_size(g_idx: torch.Tensor, groups: int) -> int | None:
     return size if torch.equal(g_idx.to(torch.int64), trivial) else None
 
 
-def grouped_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor
-                       ) -> torch.Tensor:
+def grouped_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,
+                       size: int | None = None) -> torch.Tensor:
     """float32 ``scales[g] * (codes - zeros[g])`` with ``g = g_idx[i]``: codes ``[I, O]``, grid ``[G, O]``.
 
     With a trivial ``g_idx`` the grid is broadcast over each group's rows instead of gathered per
-    row: the same values for a fraction of the memory traffic."""
+    row: the same values for a fraction of the memory traffic. A caller that knows the groups are runs of
+    ``size`` inputs passes it (and no ``g_idx``) to skip the check."""
     n_in, n_out = codes.shape
     s, z = scales.to(torch.float32), zeros.to(torch.float32)
     q = codes.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # one buffer, worked in place
-    size = trivial_group_size(g_idx, s.shape[0])
+    if size is None and g_idx is not None:
+        size = trivial_group_size(g_idx, s.shape[0])
     if size is not None:
         return q.view(-1, size, n_out).sub_(z[:, None, :]).mul_(s[:, None, :]).view(n_in, n_out)
+    assert g_idx is not None
     idx = g_idx.long()
     return q.sub_(z[idx]).mul_(s[idx])
 

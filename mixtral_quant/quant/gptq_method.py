@@ -54,10 +54,7 @@ def runtime_dequantize(tensors: Mapping[str, torch.Tensor], bits: int, size: int
     """float32 ``[O, I]`` of a weight whose groups are runs of ``size`` inputs, with the zeros already
     unpacked (``tensors["zeros"]``, float16 ``[G, O]``): the arithmetic of :func:`grouped_dequantize`."""
     q = unpack_qweight(tensors["qweight"], bits)  # [I, O]
-    n_in, n_out = q.shape
-    w = q.view(n_in // size, size, n_out).to(torch.float32)
-    w.sub_(tensors["zeros"].to(torch.float32)[:, None, :]).mul_(tensors["scales"].to(torch.float32)[:, None, :])
-    return w.view(n_in, n_out).t()
+    return grouped_dequantize(q, tensors["scales"], tensors["zeros"], None, size).t()
 
 
 class GPTQLayout:
