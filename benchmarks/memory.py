@@ -33,6 +33,8 @@ from mixtral_quant.tokenizer import TOKENIZER_FILE
 
 SECTION = "memory"
 RECIPES = ("nf4", "rtn-w4g128")
+SECTION_GPTQ = "memory (GPTQ)"
+RECIPES_GPTQ = ("gptq-w4g128",)  # the shipped default: act-order, static groups, routed expert Hessians
 LAYERS = 2
 SHARD_BYTES = 2**30  # write_checkpoint holds one shard's tensors until the shard is written
 NEEDED_BYTES = 2 * 6 * 10**9  # the checkpoint plus the largest quantized artifact, with room
@@ -86,24 +88,24 @@ def _wrapper(src: str, recipe: str, out: str) -> None:
     print(json.dumps({"rc": done.returncode, "peak_rss": peak_kib * 1024, "seconds": time.perf_counter() - start}))
 
 
-def run(work: Path, quick: bool, say: Any) -> list[Row]:
+def run(work: Path, quick: bool, say: Any, recipes: tuple[str, ...] = RECIPES, section: str = SECTION) -> list[Row]:
     peer = "checkpoint size / one layer's size"
     if quick:
-        return [Row(SECTION, f"{r} quantize peak RSS, 2-layer Mixtral-8x7B-shaped checkpoint", peer, "peak RSS GB",
+        return [Row(section, f"{r} quantize peak RSS, 2-layer Mixtral-8x7B-shaped checkpoint", peer, "peak RSS GB",
                     "lower", status=Status.NOT_MEASURED, note="full mode only (writes a 5.9 GB checkpoint)")
-                for r in RECIPES]  # fmt: skip
+                for r in recipes]  # fmt: skip
     free = shutil.disk_usage(work if work.exists() else work.parent).free
     src = work / "synthetic-mixtral-2layers"
     if free < NEEDED_BYTES and not (src / "config.json").is_file():
-        return [Row(SECTION, f"{r} quantize peak RSS", peer, "peak RSS GB", "lower", status=Status.NOT_MEASURED,
-                    note=f"only {free / 1e9:.1f} GB free under {work}") for r in RECIPES]  # fmt: skip
+        return [Row(section, f"{r} quantize peak RSS", peer, "peak RSS GB", "lower", status=Status.NOT_MEASURED,
+                    note=f"only {free / 1e9:.1f} GB free under {work}") for r in recipes]  # fmt: skip
     say("memory: write the synthetic checkpoint")
     t0 = time.perf_counter()
     write_synthetic(src)
     total, layer = sizes(src)
     say(f"memory: checkpoint {total / 1e9:.2f} GB written in {time.perf_counter() - t0:.0f}s")
     rows = []
-    for recipe in RECIPES:
+    for recipe in recipes:
         out = work / f"synthetic-{recipe}"
         say(f"memory: quantize {recipe} in a child process")
         got = subprocess.run([sys.executable, "-m", "benchmarks.memory", "wrap", str(src), recipe, str(out)],
@@ -113,12 +115,12 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
         shutil.rmtree(out, ignore_errors=True)
         if res.get("rc") != 0:
             tail = (got.stderr.strip().splitlines() or ["no output"])[-1][:200]
-            rows.append(Row(SECTION, f"{recipe} quantize peak RSS", peer, "peak RSS GB", "lower",
+            rows.append(Row(section, f"{recipe} quantize peak RSS", peer, "peak RSS GB", "lower",
                             status=Status.NOT_MEASURED, note=f"child failed: {tail}"))  # fmt: skip
             continue
         gb = res["peak_rss"] / 1e9
         rows.append(Row(
-            SECTION, f"{recipe} quantize peak RSS, 2-layer Mixtral-8x7B-shaped bf16 checkpoint (samples 4 x 128)",
+            section, f"{recipe} quantize peak RSS, 2-layer Mixtral-8x7B-shaped bf16 checkpoint (samples 4 x 128)",
             "the checkpoint's size (ratio); one decoder layer's size in the figures", "peak RSS GB", "lower",
             {"peak RSS GB": gb, "seconds": res["seconds"], "peak / layer": res["peak_rss"] / layer},
             {"peak RSS GB": total / 1e9, "layer GB": layer / 1e9}, 1,

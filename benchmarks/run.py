@@ -5,7 +5,8 @@
 
 Sections: quality (tiny model: our recipes vs transformers + bitsandbytes and RTN), quant speed
 (GPTQ / NF4 / int8 on Mixtral-8x7B expert shapes vs GPTQModel and bare bitsandbytes), memory
-(peak RSS quantizing a 2-layer Mixtral-8x7B-shaped checkpoint; full mode only) and decode
+(peak RSS quantizing a 2-layer Mixtral-8x7B-shaped checkpoint; full mode only), memory-gptq (the
+same for the shipped GPTQ recipe; full mode only, about 15 minutes) and decode
 (prefill / decode tokens/s: onnxruntime exports, ours, transformers) and gguf (our GPTQ Q4_0 GGUF vs
 llama-quantize Q4_0 / Q4_K_M with an importance matrix, scored by llama-perplexity and by our eval;
 needs scripts/build_llama_cpp.sh). Prints the table and writes
@@ -31,11 +32,12 @@ from benchmarks.table import Row, earlier_rows, machine, plain, write
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("quality", "quant-speed", "memory", "decode", "gguf")
+SECTIONS = ("quality", "quant-speed", "memory", "memory-gptq", "decode", "gguf")
 SECTION_NAMES = {
     "quality": quality.SECTION,
     "quant-speed": quant_speed.SECTION,
     "memory": memory.SECTION,
+    "memory-gptq": memory.SECTION_GPTQ,
     "decode": decode.SECTION,
     "gguf": gguf.SECTION,
 }
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += quant_speed.run(args.quick, _say)
         if "memory" in args.sections:
             rows += memory.run(work / "memory", args.quick, _say)
+        if "memory-gptq" in args.sections:  # the same checkpoint; long (GPTQ of 16 Mixtral-8x7B experts)
+            rows += memory.run(work / "memory", args.quick, _say, memory.RECIPES_GPTQ, memory.SECTION_GPTQ)
         if "decode" in args.sections:
             rows += decode.run(work / "decode", work / "quality", args.quick, _say)
         if "gguf" in args.sections:

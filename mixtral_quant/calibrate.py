@@ -92,7 +92,7 @@ class LayerReport:
     seconds: float = 0.0
 
 
-HESSIAN_BUDGET = 2 << 30  # bytes of expert Hessians captured in one pass (Mixtral-8x7B's w2: 822 MB each)
+HESSIAN_BUDGET = 1 << 30  # bytes of expert Hessians captured in one pass (Mixtral-8x7B's w2: 822 MB each)
 
 
 class LayerQuantizer:
@@ -101,8 +101,8 @@ class LayerQuantizer:
     Expert Hessians are captured a group of experts per pass over the activations, as many as fit
     in ``hessian_budget`` bytes, and freed once their experts are quantized: at Mixtral-8x7B's
     shapes the eight w2 Hessians (14336 x 14336 float32) would otherwise take 6.6 GB at once; with
-    the default 2 GiB, two are held per pass. Each expert's inputs do not depend on the other
-    experts' w2, so any grouping gives the same bytes.
+    the default 1 GiB, one is held per pass (all eight w1/w3 Hessians, 67 MB each, in one). Each
+    expert's inputs do not depend on the other experts' w2, so any grouping gives the same bytes.
     """
 
     def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
@@ -149,9 +149,11 @@ class LayerQuantizer:
         stacked = getattr(method, "quantize_stacked", None)
         if stacked is not None and h is not None and len(names) > 1:
             results: list[QuantResult] = stacked([m.weight.data for m in modules], h)
-        else:
-            results = [method.quantize(m.weight.data.float(), h) if method.needs_hessian
-                       else method.quantize(m.weight.data.float()) for m in modules]  # fmt: skip
+        else:  # a method that widens a band at a time takes the stored (bf16) weight, others float32
+            stored = getattr(method, "takes_stored_weight", False)
+            weights = [m.weight.data if stored else m.weight.data.float() for m in modules]
+            results = [method.quantize(w, h) if method.needs_hessian else method.quantize(w) for w in weights]
+            del weights
         for name, module, result in zip(names, modules, results, strict=True):
             self._install(name, module, method, result, h)
 
@@ -168,10 +170,7 @@ class LayerQuantizer:
             self.report.fallbacks[name] = str(result.info["fallback"])
         if "damp_percent" in result.info and float(result.info["damp_percent"]) > self.recipe.quant.damp_percent:
             self.report.damp[name] = float(result.info["damp_percent"])
-        w = module.weight.data.float()
-        deq = method.dequantize(result.tensors).to(w.device)
-        self.report.errors[name] = relative_error(w, deq, h)
-        del deq, w
+        self.report.errors[name] = relative_error(module.weight.data, dequantized_rows(method, result.tensors), h)
         for suffix, t in result.tensors.items():
             self.tensors[f"{name}.{suffix}"] = t.detach().cpu()
         runtime = method.make_module(result.tensors, module.in_features, module.out_features).to(self.device)
@@ -317,16 +316,37 @@ def _rtn_like(recipe: Recipe) -> Any:
     return replace(recipe.quant, method=MethodName.RTN) if recipe.quant.method is MethodName.GPTQ else recipe.quant
 
 
-def relative_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor | None) -> float:
-    """||X(W-Q)^T||^2 / ||XW^T||^2 from the Hessian when there is one, else ||W-Q||^2 / ||W||^2.
+def dequantized_rows(method: Method, tensors: Mapping[str, torch.Tensor]) -> Callable[[int, int], torch.Tensor]:
+    """``rows(start, stop)``: float32 rows of the stored weight; a band at a time when the method reads
+    bands back (``dequantize_rows``), else sliced from one whole dequantized copy."""
+    banded = getattr(method, "dequantize_rows", None)
+    if banded is not None:
+        return partial(banded, tensors)
+    whole = method.dequantize(tensors)
+    return lambda start, stop: whole[start:stop]
+
+
+ERROR_BAND = 1024  # output rows of the weight widened at a time by relative_error
+
+
+def relative_error(w: torch.Tensor, rows: Callable[[int, int], torch.Tensor], hessian: torch.Tensor | None) -> float:
+    """||X(W-Q)^T||^2 / ||XW^T||^2 from the Hessian when there is one, else ||W-Q||^2 / ||W||^2, with
+    ``W`` as stored (any float dtype) and ``rows(start, stop)`` the dequantized ``Q``'s rows, summed
+    over bands of :data:`ERROR_BAND` output rows so that no whole-weight float32 temporary is made.
 
     Rounded to 6 significant digits: the last bits of a float32 sum follow the thread count, and a
     report should not change when a resumed run uses another one."""
-    if hessian is None:
-        den = w.float().pow(2).sum().clamp(min=1e-30)
-        ratio = (w - deq).float().pow_(2).sum() / den  # one weight-sized temporary at a time
-    else:
-        d = (w - deq).float()
-        num = torch.einsum("oi,ij,oj->", d, hessian, d)
-        ratio = num / torch.einsum("oi,ij,oj->", w.float(), hessian, w.float()).clamp(min=1e-30)
+    num = torch.zeros((), dtype=torch.float64, device=w.device)
+    den = torch.zeros((), dtype=torch.float64, device=w.device)
+    for start in range(0, w.shape[0], ERROR_BAND):
+        stop = min(start + ERROR_BAND, w.shape[0])
+        wb = w[start:stop].float()
+        d = wb - rows(start, stop).to(wb.device)
+        if hessian is None:
+            num += d.pow_(2).sum(dtype=torch.float64)
+            den += wb.square().sum(dtype=torch.float64)  # wb may be a view of a float32 w
+        else:
+            num += ((d @ hessian) * d).sum(dtype=torch.float64)
+            den += ((wb @ hessian) * wb).sum(dtype=torch.float64)
+    ratio = num / den.clamp(min=1e-30)
     return float(f"{ratio.item():.6g}")

@@ -16,6 +16,7 @@ import torch
 from . import __version__
 from .device import resolve_device
 from .errors import MixtralQuantError
+from .recipe import shipped_recipes
 
 MODEL_HELP = "Model folder (Hugging Face layout). Default: the embedded tiny Mixtral."
 
@@ -95,8 +96,7 @@ def generate(
 @cli.command()
 @click.argument("model", required=False, type=click.Path(path_type=Path))
 @click.option("--recipe", "-r", required=True,
-              help="A shipped recipe (nf4, nf4-nodq, gptq-w4g128, gptq-w4g128-noact, gptq-w3g128, int8, w8, "
-                   "rtn-w4g128, rtn-w3g128) or a recipe .toml file.")
+              help=f"A shipped recipe ({', '.join(shipped_recipes())}) or a recipe .toml file.")
 @click.option("--out", "-o", required=True, type=click.Path(path_type=Path), help="Artifact folder to write.")
 @click.option("--bits", type=int, help="Override the recipe's bit width.")
 @click.option("--group-size", type=int, help="Override the recipe's group size (-1: per output row).")

@@ -216,3 +216,28 @@ def test_expert_sources_follow_the_policy(fallback: str) -> None:
     assert set(all_tokens.values()) == {every}
     no_hessian, _ = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ROUTED, 0.005, fb), gptq=False)
     assert set(no_hessian.values()) == {None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_hessian", [False, True])
+def test_relative_error_in_bands_is_the_formula(dtype: torch.dtype, with_hessian: bool) -> None:
+    """The driver's error, summed over bands of rows from the stored weight and a band reader, equals
+    ||X(W-Q)^T||^2 / ||XW^T||^2 (or ||W-Q||^2 / ||W||^2) computed at once in float64; a float32
+    weight is read, not changed."""
+    from mixtral_quant.calibrate import ERROR_BAND, relative_error
+
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(ERROR_BAND + 64, 96, generator=g) * 0.1).to(dtype)
+    q = w.float() + torch.randn(w.shape, generator=g) * 0.01
+    x = torch.randn(300, 96, generator=g)
+    h = 2 * x.t() @ x / 300 if with_hessian else None
+    before = w.clone()
+    got = relative_error(w, lambda a, b: q[a:b], h)
+    w64, d64 = w.double(), (w.double() - q.double())
+    if h is None:
+        want = float(d64.square().sum() / w64.square().sum())
+    else:
+        h64 = h.double()
+        want = float(torch.einsum("oi,ij,oj->", d64, h64, d64) / torch.einsum("oi,ij,oj->", w64, h64, w64))
+    assert got == pytest.approx(want, rel=1e-5)
+    assert torch.equal(w, before)

@@ -166,7 +166,9 @@ def test_dead_columns_are_zeroed(layer: tuple[torch.Tensor, ...]) -> None:
     x[:, [5, 77]] = 0
     acc = HessianAccumulator(IN)
     acc.add(x)
-    qw = gptq_quantize(weight, acc.hessian, _cfg())
+    before = acc.hessian.clone()
+    qw = gptq_quantize(weight, acc.hessian, _cfg(act_order=True))
+    assert torch.equal(acc.hessian, before)  # the fix of the dead diagonal is undone
     assert qw.info["dead_columns"] == 2
     deq = dequantize_gptq(qw.qint, qw.scales, qw.zeros, qw.g_idx)
     assert torch.equal(deq[:, [5, 77]], torch.zeros(OUT, 2))
@@ -250,16 +252,24 @@ def test_stacked_linears_get_the_codes_of_one_by_one(layer: tuple[torch.Tensor, 
         assert r.tensors.keys() == s.tensors.keys() and all(torch.equal(r.tensors[k], s.tensors[k]) for k in r.tensors)
 
 
-def test_inverse_cholesky_factor_equals_the_references(layer: tuple[torch.Tensor, ...]) -> None:
-    """The upper factor from one Cholesky of the reversed Hessian and a triangular inverse by halves
-    equals the reference's (Cholesky, cholesky_inverse, upper Cholesky) in float64, and the inverse
-    by halves equals torch's on an odd size with small leaves."""
+@pytest.mark.parametrize("permuted", [False, True])
+def test_inverse_cholesky_factor_equals_the_references(layer: tuple[torch.Tensor, ...], permuted: bool) -> None:
+    """The upper factor from one Cholesky of the reversed (and permuted) Hessian and a triangular
+    inverse by halves, read in bands, equals the reference's (Cholesky, cholesky_inverse, upper
+    Cholesky of the permuted Hessian) in float64; the inverse by halves equals torch's on an odd size
+    with small leaves, and the Hessian given is left as it was."""
     from mixtral_quant.quant.gptq import _damped_inverse_cholesky, lower_inverse
 
     _, _, h = layer
     h64 = h.double()
-    upper, damp, _ = _damped_inverse_cholesky(h64, _cfg())
-    damped = h64 + damp * h64.diagonal().mean() * torch.eye(IN, dtype=torch.float64)
+    before = h64.clone()
+    perm = torch.randperm(IN, generator=torch.Generator().manual_seed(5)) if permuted else torch.arange(IN)
+    factor, damp, _ = _damped_inverse_cholesky(h64, perm, _cfg())
+    assert torch.equal(h64, before)
+    upper = torch.cat([torch.cat([torch.zeros(b, i, dtype=torch.float64), factor.rows(i, i + b)], dim=1)
+                       for i, b in ((0, 7), (7, IN - 7))])  # two bands, one of a size that is no block
+    hp = h64[perm][:, perm]
+    damped = hp + damp * h64.diagonal().mean() * torch.eye(IN, dtype=torch.float64)
     reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
     assert torch.equal(upper, upper.triu())
     assert torch.allclose(upper, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
@@ -289,3 +299,24 @@ def test_act_order_dynamic_groups_sorted_once_at_load(layer: tuple[torch.Tensor,
     torch.testing.assert_close(module(x[:8]), x[:8] @ deq.t())
     static = get_method(_cfg(bits=bits, group_size=64, act_order=True, static_groups=True))
     assert static.make_module(static.quantize(weight, hessian).tensors, IN, OUT).input_order is None
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_round_to_nearest_in_bands_equals_the_whole_matrix(bits: int) -> None:
+    """RTN straight into the stored tensors, a band of rows at a time from the bf16 weight (two full
+    bands and a short one), gives the bytes of the whole float32 matrix at once, and a band read back
+    equals those rows of the whole dequantized weight."""
+    from mixtral_quant.quant.gptq_method import BAND, dequantize_rows, rtn_checkpoint, to_checkpoint
+
+    out_features = 2 * BAND + 96
+    g = torch.Generator().manual_seed(11)
+    weight = (torch.randn(out_features, 256, generator=g) * 0.05).to(torch.bfloat16)
+    cfg = QuantConfig(MethodName.RTN, bits=bits, group_size=128)
+    banded, _ = rtn_checkpoint(weight, cfg)
+    whole = to_checkpoint(rtn_quantize(weight.float(), cfg), bits)
+    assert banded.keys() == whole.keys()
+    for name in whole:
+        assert banded[name].dtype == whole[name].dtype and torch.equal(banded[name], whole[name]), name
+    deq = get_method(cfg).dequantize(whole)
+    for start, stop in ((0, 32), (BAND - 32, 2 * BAND + 96)):
+        assert torch.equal(dequantize_rows(whole, bits, start, stop), deq[start:stop])

@@ -155,43 +155,80 @@ def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
 
 
 def lower_inverse(lower: torch.Tensor, leaf: int = 512) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix by halves: ``[[A, 0], [C, D]]^-1`` is
-    ``[[A^-1, 0], [-D^-1 C A^-1, D^-1]]``, the corner from two triangular solves (LAPACK's trtri's
-    n^3/3 flops, in BLAS-3 calls that torch has on CPU and CUDA)."""
-    n = lower.shape[0]
-    if n <= leaf:
-        eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
-    k = n // 2
-    out = torch.zeros_like(lower)
-    out[:k, :k] = lower_inverse(lower[:k, :k], leaf)
-    out[k:, k:] = lower_inverse(lower[k:, k:], leaf)
-    corner = torch.linalg.solve_triangular(lower[k:, k:], lower[k:, :k], upper=False)  # D^-1 C
-    out[k:, :k] = torch.linalg.solve_triangular(lower[:k, :k], corner, upper=False, left=False).neg_()
+    """Inverse of a lower-triangular matrix (see :func:`invert_lower_`), in a new buffer."""
+    out = torch.empty(lower.shape[1], lower.shape[0], dtype=lower.dtype, device=lower.device).t()
+    out.copy_(lower)
+    invert_lower_(out, leaf)
     return out
 
 
-def _damped_inverse_cholesky(h: torch.Tensor, cfg: QuantConfig) -> tuple[torch.Tensor, float, int]:
-    """Upper Cholesky factor ``U`` of ``(H + damp I)^-1`` (``U^T U = (H + damp I)^-1``), the damp
-    percent used, and the retries taken.
+def invert_lower_(m: torch.Tensor, leaf: int = 512) -> None:
+    """``m <- m^-1`` in place for a lower-triangular ``m``, by halves: ``[[A, 0], [C, D]]^-1`` is
+    ``[[A^-1, 0], [-D^-1 C A^-1, D^-1]]``. The corner comes from two triangular solves against the
+    factor as it is, then ``A`` and ``D`` are inverted where they lie (LAPACK's trtri's n^3/3 flops,
+    in BLAS-3 calls that torch has on CPU and CUDA). ``m`` is column-major (a transposed contiguous
+    buffer, the layout torch's solvers work in); the temporaries are two of a quarter of its size."""
+    n = m.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=m.dtype, device=m.device)
+        m.copy_(torch.linalg.solve_triangular(m, eye, upper=False))
+        return
+    k = n // 2
+    a, c, d = m[:k, :k], m[k:, :k], m[k:, k:]
+    corner = torch.linalg.solve_triangular(d, c, upper=False)  # D^-1 C
+    c.copy_(torch.linalg.solve_triangular(a, corner, upper=False, left=False).neg_())
+    del corner
+    invert_lower_(a, leaf)
+    invert_lower_(d, leaf)
+
+
+class InverseFactor:
+    """The upper Cholesky factor ``U`` of ``(H + damp I)^-1`` held as ``J L^-1 J``: ``L^-1`` in one
+    ``[I, I]`` buffer and ``J`` (order reversal) applied to the blocks read, so no flipped copy of
+    the whole matrix is ever made."""
+
+    def __init__(self, lower_inv: torch.Tensor) -> None:
+        self.lower_inv = lower_inv
+        self.n = lower_inv.shape[0]
+
+    def rows(self, i1: int, i2: int) -> torch.Tensor:
+        """``U[i1:i2, i1:]``, a contiguous copy."""
+        n = self.n
+        return self.lower_inv[n - i2 : n - i1, : n - i1].flip(0, 1).contiguous()
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """Every element finite, without an elementwise temporary (max and min propagate NaN)."""
+    return bool(torch.isfinite(t.amax())) and bool(torch.isfinite(t.amin()))
+
+
+def _damped_inverse_cholesky(h: torch.Tensor, perm: torch.Tensor, cfg: QuantConfig
+                             ) -> tuple[InverseFactor, float, int]:  # fmt: skip
+    """The inverse Cholesky factor of ``(H + damp I)`` with rows and columns in the order ``perm``
+    (``U^T U = (P H P^T + damp I)^-1``), the damp percent used, and the retries taken.
 
     With ``J`` the order-reversing permutation and ``J H J = L L^T``: ``H^-1 = (J L^-1 J)^T (J L^-1 J)``
     and ``J L^-1 J`` is upper-triangular with a positive diagonal, so it is that factor. One Cholesky and
     one triangular inverse: half the flops of the reference's Cholesky, ``cholesky_inverse`` and second
-    Cholesky (at w2's 14336 inputs, 18 s instead of 37 s on 2 cores)."""
+    Cholesky (at w2's 14336 inputs, 18 s instead of 37 s on 2 cores). Memory besides ``h``: one
+    ``[I, I]`` buffer (the reordered, damped copy, factored and inverted in place) and two of a quarter."""
+    n = h.shape[0]
     mean_diag = float(h.diagonal().mean())
     percent = cfg.damp_percent
     retries = MAX_DAMP_RETRIES if cfg.damp_auto_increase else 0
-    for attempt in range(retries + 1):  # at most three [I, I] buffers besides h at any time (dels)
-        damped = h.flip(0, 1)  # J H J, a copy
-        damped.diagonal().add_(percent * mean_diag)
-        lower, info = torch.linalg.cholesky_ex(damped)
-        del damped
+    rev = perm.flip(0)
+    for attempt in range(retries + 1):
+        # J P H P^T J in a column-major buffer, a band of rows at a time; factored and inverted in place
+        work = torch.empty_like(h).t()
+        for r in range(0, n, 1024):
+            work[r : r + 1024] = h.index_select(0, rev[r : r + 1024]).index_select(1, rev)
+        work.diagonal().add_(percent * mean_diag)
+        _, info = torch.linalg.cholesky_ex(work, out=(work, torch.empty((), dtype=torch.int32, device=h.device)))
         if int(info) == 0:
-            upper = lower_inverse(lower).flip(0, 1)
-            del lower
-            if bool(torch.isfinite(upper).all()) and bool((upper.diagonal() > 0).all()):
-                return upper, percent, attempt
+            invert_lower_(work)
+            if _all_finite(work) and bool((work.diagonal() > 0).all()):
+                return InverseFactor(work), percent, attempt
+        del work
         percent *= 10.0
     raise HessianNotPositiveDefinite(
         f"GPTQ Hessian is not positive definite even with damp_percent {percent / 10:g}: "
@@ -232,14 +269,14 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
     wt = torch.empty(in_features, out_features, dtype=torch.float32, device=device)  # W^T, a copy
     for weight, start in zip(weights, starts, strict=True):
         wt[:, start : start + weight.shape[0]].copy_(weight.t())
-    h = hessian.to(device=device, dtype=torch.float32)
-    if not bool(torch.isfinite(h).all()):
+    h = hessian.to(device=device, dtype=torch.float32)  # the caller's, unless moved
+    if not _all_finite(h):
         raise MixtralQuantError("GPTQ Hessian holds NaN or inf: check the calibration inputs")
 
     dead = h.diagonal() == 0  # inputs never active: weight irrelevant, keep H invertible
-    if bool(dead.any()):
-        h = h.clone()  # the caller's Hessian is left as it was; copied only when it needs the fix
-        h[dead, dead] = 1.0
+    fix = bool(dead.any())
+    if fix:  # H[j, j] = 1 for the sweep; put back below, so the caller's Hessian ends as it was
+        h.diagonal()[dead] = 1.0
         wt[dead] = 0.0
 
     n_groups = in_features // group
@@ -250,11 +287,14 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
         scales, zeros = grid[0].t().contiguous(), grid[1].t().contiguous()
 
     perm = torch.arange(in_features, device=device)
-    if cfg.act_order:  # columns with the largest Hessian diagonal first
-        perm = torch.argsort(h.diagonal(), descending=True)
-        wt, h = wt[perm], h[perm][:, perm]
-    hinv, damp, retries = _damped_inverse_cholesky(h, cfg)
-    del h  # a copy when permuted or fixed: [I, I] floats (822 MB for Mixtral-8x7B's w2) not needed any more
+    try:
+        if cfg.act_order:  # columns with the largest Hessian diagonal first
+            perm = torch.argsort(h.diagonal(), descending=True)
+            wt = wt[perm]
+        hinv, damp, retries = _damped_inverse_cholesky(h, perm, cfg)
+    finally:
+        if fix:
+            h.diagonal()[dead] = 0.0
     static_group_of = (perm // group).tolist()  # group of the column at each sweep position
 
     qt = torch.zeros_like(wt)  # codes, [I, O]
@@ -263,7 +303,8 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
         i2 = min(i1 + cfg.lazy_block, in_features)
         w1 = wt[i1:i2].clone()
         q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
+        band = hinv.rows(i1, i2)  # U[i1:i2, i1:]
+        hinv1 = band[:, : i2 - i1]
         for i in range(i2 - i1):
             col = i1 + i
             if cfg.static_groups:
@@ -280,8 +321,8 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
             err1[i] = err
         qt[i1:i2] = q1
         loss += err1.square().sum(0).double() / 2  # the reference's (w - q)^2 / d^2 / 2
-        wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1.0)  # lazy update of the columns after the block
-    del wt
+        wt[i2:].addmm_(band[:, i2 - i1 :].t(), err1, alpha=-1.0)  # lazy update of the columns after the block
+    del wt, hinv
 
     invperm = torch.argsort(perm)
     if cfg.static_groups or not cfg.act_order:
