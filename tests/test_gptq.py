@@ -166,9 +166,10 @@ def test_dead_columns_are_zeroed(layer: tuple[torch.Tensor, ...]) -> None:
     x[:, [5, 77]] = 0
     acc = HessianAccumulator(IN)
     acc.add(x)
-    before = acc.hessian.clone()
+    before, weight_before = acc.hessian.clone(), weight.clone()
     qw = gptq_quantize(weight, acc.hessian, _cfg(act_order=True))
     assert torch.equal(acc.hessian, before)  # the fix of the dead diagonal is undone
+    assert torch.equal(weight, weight_before)  # the weight given is read, never zeroed in place
     assert qw.info["dead_columns"] == 2
     deq = dequantize_gptq(qw.qint, qw.scales, qw.zeros, qw.g_idx)
     assert torch.equal(deq[:, [5, 77]], torch.zeros(OUT, 2))

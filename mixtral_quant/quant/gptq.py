@@ -25,6 +25,7 @@ from mixtral_quant.quant.base import QuantConfig
 
 MAX_DAMP_RETRIES = 4  # damping grows x10 per retry: 0.01 -> 100 times the mean diagonal at most
 _MIN_SCALE = float(torch.finfo(torch.float16).tiny)  # smallest normal fp16
+_BAND = 1024  # rows copied or widened to float32 at a time when GPTQ sets up its matrices
 
 
 class HessianNotPositiveDefinite(MixtralQuantError):
@@ -266,9 +267,6 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
     starts = list(itertools.accumulate(rows, initial=0))[:-1]  # of each linear's rows in the stack
     out_features = sum(rows)
     group, bits, device = cfg.group_size_for(in_features), cfg.bits, weights[0].device
-    wt = torch.empty(in_features, out_features, dtype=torch.float32, device=device)  # W^T, a copy
-    for weight, start in zip(weights, starts, strict=True):
-        wt[:, start : start + weight.shape[0]].copy_(weight.t())
     h = hessian.to(device=device, dtype=torch.float32)  # the caller's, unless moved
     if not _all_finite(h):
         raise MixtralQuantError("GPTQ Hessian holds NaN or inf: check the calibration inputs")
@@ -277,27 +275,36 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
     fix = bool(dead.any())
     if fix:  # H[j, j] = 1 for the sweep; put back below, so the caller's Hessian ends as it was
         h.diagonal()[dead] = 1.0
-        wt[dead] = 0.0
-
-    n_groups = in_features // group
-    scales = torch.zeros(n_groups, out_features, device=device)
-    zeros = torch.zeros(n_groups, out_features, device=device)
-    if cfg.static_groups:  # grids fixed before the sweep, on un-permuted columns
-        grid = group_grid(wt.t().reshape(out_features, n_groups, group), bits, cfg.sym)
-        scales, zeros = grid[0].t().contiguous(), grid[1].t().contiguous()
-
-    perm = torch.arange(in_features, device=device)
     try:
+        perm = torch.arange(in_features, device=device)
         if cfg.act_order:  # columns with the largest Hessian diagonal first
             perm = torch.argsort(h.diagonal(), descending=True)
-            wt = wt[perm]
         hinv, damp, retries = _damped_inverse_cholesky(h, perm, cfg)
     finally:
         if fix:
             h.diagonal()[dead] = 0.0
+
+    n_groups = in_features // group
+    scales = torch.zeros(n_groups, out_features, device=device)
+    zeros = torch.zeros(n_groups, out_features, device=device)
+    # W^T [I, O] in sweep order (float32, a copy; dead inputs zeroed), and the static grids of the
+    # un-permuted rows, both built a band at a time from the weights as stored
+    wt = torch.empty(in_features, out_features, dtype=torch.float32, device=device)
+    for weight, start in zip(weights, starts, strict=True):
+        for r in range(0, in_features, _BAND):
+            wt[r : r + _BAND, start : start + weight.shape[0]] = weight.index_select(1, perm[r : r + _BAND]).t()
+        if cfg.static_groups:  # grids fixed before the sweep, on un-permuted columns
+            for r in range(0, weight.shape[0], _BAND):
+                wide = weight[r : r + _BAND].to(torch.float32, copy=True)  # never a view of the caller's
+                wide[:, dead] = 0.0
+                grid = group_grid(wide.reshape(wide.shape[0], n_groups, group), bits, cfg.sym)
+                scales[:, start + r : start + r + wide.shape[0]] = grid[0].t()
+                zeros[:, start + r : start + r + wide.shape[0]] = grid[1].t()
+    if fix:
+        wt[dead[perm]] = 0.0
     static_group_of = (perm // group).tolist()  # group of the column at each sweep position
 
-    qt = torch.zeros_like(wt)  # codes, [I, O]
+    qt = torch.zeros(wt.shape, dtype=torch.uint8, device=device)  # codes, [I, O] (at most 8 bits)
     loss = torch.zeros(out_features, dtype=torch.float64, device=device)  # per row of W
     for i1 in range(0, in_features, cfg.lazy_block):
         i2 = min(i1 + cfg.lazy_block, in_features)
@@ -329,12 +336,13 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
         g_idx = torch.arange(in_features, device=device) // group
     else:  # groups formed in permuted order: input i sits at position invperm[i]
         g_idx = invperm // group
-    qint = qt[invperm].t().to(torch.int32)  # [O, I]
+    codes = qt.index_select(0, invperm) if cfg.act_order else qt  # [I, O], inputs in order
     del qt
     out = []
     for weight, start in zip(weights, starts, strict=True):
         part = slice(start, start + weight.shape[0])
-        result = QuantizedWeight(qint[part].contiguous(), scales[:, part].contiguous(),
+        qint = codes[:, part].t().to(torch.int32).contiguous()  # [O, I]
+        result = QuantizedWeight(qint, scales[:, part].contiguous(),
                                  zeros[:, part].to(torch.int32), g_idx.to(torch.int32), {})  # fmt: skip
         result.info.update(
             damp_percent=damp,
