@@ -149,11 +149,13 @@ class LayerQuantizer:
         stacked = getattr(method, "quantize_stacked", None)
         if stacked is not None and h is not None and len(names) > 1:
             results: list[QuantResult] = stacked([m.weight.data for m in modules], h)
-        else:  # a method that widens a band at a time takes the stored (bf16) weight, others float32
-            stored = getattr(method, "takes_stored_weight", False)
-            weights = [m.weight.data if stored else m.weight.data.float() for m in modules]
-            results = [method.quantize(w, h) if method.needs_hessian else method.quantize(w) for w in weights]
-            del weights
+        else:  # quantize_widened(w, h) is quantize(w.float(), h) without the whole float32 copy
+            widened = getattr(method, "quantize_widened", None)
+            if widened is not None:
+                results = [widened(m.weight.data, h) for m in modules]
+            else:
+                results = [method.quantize(m.weight.data.float(), h) if method.needs_hessian
+                           else method.quantize(m.weight.data.float()) for m in modules]  # fmt: skip
         for name, module, result in zip(names, modules, results, strict=True):
             self._install(name, module, method, result, h)
 

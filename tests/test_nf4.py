@@ -93,3 +93,24 @@ def test_nf4_quantization_config_matches_transformers() -> None:
         bnb_4bit_compute_dtype=torch.bfloat16,
     ).to_dict()
     assert cfg == expected
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_bands_give_the_bytes_of_one_bitsandbytes_call(double_quant: bool) -> None:
+    """quantize_widened of a bf16 weight taller than a band (two bands and a short one) stores what
+    one ``quantize_4bit`` of the whole float32 weight gives, and a band read back equals those rows of
+    the whole dequantized weight."""
+    from mixtral_quant.quant.nf4 import BAND
+
+    g = torch.Generator().manual_seed(2)
+    weight = (torch.randn(2 * BAND + 64, 128, generator=g) * 0.05).to(torch.bfloat16)
+    method = get_method(QuantConfig(MethodName.NF4, double_quant=double_quant))
+    tensors = method.quantize_widened(weight).tensors  # type: ignore[attr-defined]
+    codes, state = bnbf.quantize_4bit(weight.float(), blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+    reference = {"weight": codes} | {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}
+    assert sorted(tensors) == sorted(reference)
+    for name, tensor in reference.items():
+        assert tensors[name].dtype == tensor.dtype and torch.equal(tensors[name], tensor), name
+    whole = method.dequantize(tensors)
+    for start, stop in ((0, 3), (BAND - 5, 2 * BAND + 64)):
+        assert torch.equal(method.dequantize_rows(tensors, start, stop), whole[start:stop])  # type: ignore[attr-defined]

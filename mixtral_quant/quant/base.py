@@ -137,7 +137,13 @@ class QuantResult:
 
 
 class Method(Protocol):
-    """A quantization method: quantize, dequantize, and rebuild a runtime linear layer."""
+    """A quantization method: quantize, dequantize, and rebuild a runtime linear layer.
+
+    Two optional methods keep the calibration driver's working set to a band of rows: a method that
+    has ``quantize_widened(weight, hessian)`` (the result of ``quantize(weight.float(), hessian)``
+    without a whole float32 copy) is given the weight as stored, and one that has
+    ``dequantize_rows(tensors, start, stop)`` (rows of :meth:`dequantize`) has its error measured a
+    band at a time."""
 
     config: QuantConfig
     needs_hessian: bool

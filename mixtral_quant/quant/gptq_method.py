@@ -95,12 +95,9 @@ def runtime_dequantize(tensors: Mapping[str, torch.Tensor], bits: int, size: int
 class GPTQLayout:
     """Storage, loading and runtime shared by the methods that write the GPTQ layout.
 
-    ``quantize`` takes the weight in its stored dtype (bf16 for Mixtral) and widens it a band of rows
-    at a time; ``dequantize_rows`` reads back a band, so the calibration driver's error check never
-    holds a whole float32 weight either."""
-
-    takes_stored_weight = True
-    row_band = BAND
+    ``quantize`` takes the weight in any float dtype (bf16 for Mixtral) and widens it a band of rows
+    at a time, so it is also ``quantize_widened``; ``dequantize_rows`` reads back a band, so the
+    calibration driver's error check never holds a whole float32 weight either."""
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
@@ -164,6 +161,8 @@ class RTN(GPTQLayout):
         tensors, info = rtn_checkpoint(weight, self.config)
         return QuantResult(tensors, {"method": "rtn", **info})
 
+    quantize_widened = quantize  # it widens a band at a time already
+
 
 class GPTQ(GPTQLayout):
     """GPTQ against the layer's input Hessian.
@@ -177,6 +176,8 @@ class GPTQ(GPTQLayout):
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         return self.quantize_stacked([weight], hessian)[0]
+
+    quantize_widened = quantize  # the sweep's float32 copy is its own, built a band at a time
 
     def quantize_stacked(self, weights: list[torch.Tensor], hessian: torch.Tensor | None) -> list[QuantResult]:
         """Linears that share one input (and so ``hessian``) as one stacked GPTQ: the codes of

@@ -25,6 +25,7 @@ from mixtral_quant.quant.modules import require_tensors
 _STATE_KEYS = ["weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"]
 _NESTED_KEYS = ["weight.nested_absmax", "weight.nested_quant_map"]
 _BNB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BAND = 1024  # rows quantized (and widened) at a time
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -60,13 +61,34 @@ class NF4:
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         check_weight(weight, self.config)
-        w = weight if weight.dtype in _BNB_DTYPES else weight.to(torch.float32)
-        codes, state = bnbf.quantize_4bit(
-            w.contiguous(),
-            blocksize=self.config.nf4_blocksize,
-            compress_statistics=self.config.double_quant,
-            quant_type="nf4",
-        )
+        return self._quantize(weight, weight.dtype if weight.dtype in _BNB_DTYPES else torch.float32)
+
+    def quantize_widened(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
+        """``quantize(weight.float())`` without the whole float32 copy: the calibration driver's call."""
+        check_weight(weight, self.config)
+        return self._quantize(weight, torch.float32)
+
+    def _quantize(self, weight: torch.Tensor, dtype: torch.dtype) -> QuantResult:
+        """bitsandbytes' ``quantize_4bit`` of ``weight`` as ``dtype``, :data:`BAND` rows at a time when
+        the blocks fit whole in a row: a block's codes and absmax depend on its own values only, so the
+        bands give the codes and absmax of one call; the absmax are then double-quantized together as
+        ``quantize_4bit`` does (offset their mean, 8-bit blocks of 256)."""
+        cfg, (rows, cols) = self.config, weight.shape
+        band = BAND if cols % cfg.nf4_blocksize == 0 else rows
+        parts = [torch.ops.bitsandbytes.quantize_4bit.default(weight[r : r + band].to(dtype).contiguous(),
+                                                              cfg.nf4_blocksize, "nf4", torch.uint8)
+                 for r in range(0, rows, band)]  # fmt: skip
+        codes = torch.cat([c for c, _ in parts]) if len(parts) > 1 else parts[0][0]
+        absmax = torch.cat([a for _, a in parts]) if len(parts) > 1 else parts[0][1]
+        del parts
+        common = {"shape": weight.shape, "dtype": dtype, "blocksize": cfg.nf4_blocksize,
+                  "code": bnbf.get_4bit_type("nf4", device=weight.device), "quant_type": "nf4"}
+        if cfg.double_quant:
+            offset = absmax.mean()
+            qabsmax, state2 = bnbf.quantize_blockwise(absmax - offset, blocksize=256)
+            state = bnbf.QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
+        else:
+            state = bnbf.QuantState(absmax=absmax, **common)
         # clone: quant maps may be shared with bitsandbytes' caches, and safetensors refuses shared storage
         tensors = {"weight": codes} | {f"weight.{k}": v.clone() for k, v in state.as_dict(packed=True).items()}
         return QuantResult(tensors, {"method": "nf4"})
@@ -78,6 +100,24 @@ class NF4:
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return bnbf.dequantize_4bit(tensors["weight"], self.quant_state(tensors)).to(torch.float32)
+
+    def dequantize_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        """float32 rows ``start:stop`` of :meth:`dequantize` (the same arithmetic, on those blocks only)."""
+        state = self.quant_state(tensors)
+        assert state.shape is not None
+        cols = state.shape[1]
+        absmax = state.absmax
+        if state.nested:  # as dequantize_4bit: the 8-bit absmax back to float32, plus the offset
+            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2)
+            absmax += state.offset
+            absmax = absmax.float()
+        if (start * cols) % state.blocksize or (stop * cols) % state.blocksize:
+            return self.dequantize(tensors)[start:stop]
+        lo, hi = start * cols // state.blocksize, stop * cols // state.blocksize
+        band = bnbf.QuantState(absmax=absmax[lo:hi], shape=torch.Size((stop - start, cols)), dtype=state.dtype,
+                               blocksize=state.blocksize, code=state.code, quant_type="nf4")  # fmt: skip
+        codes = tensors["weight"][start * cols // 2 : stop * cols // 2]
+        return bnbf.dequantize_4bit(codes, band).to(torch.float32)
 
     def tensor_names(self) -> list[str]:
         nested = _NESTED_KEYS if self.config.double_quant else []
