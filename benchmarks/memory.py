@@ -5,7 +5,9 @@ bf16 random weights, about 5.9 GB) is written tensor by tensor with ``write_chec
 generator, so it never sits in memory. Each recipe is quantized in a child process; the peak RSS is
 ``getrusage(RUSAGE_CHILDREN).ru_maxrss`` read by a wrapper process that ran only that child, and is
 set against the checkpoint's size and one decoder layer's size: streaming layer by layer should keep
-the peak near one layer (plus embeddings / lm_head), not the whole checkpoint.
+the peak near one layer (plus embeddings / lm_head), not the whole checkpoint. Section ``memory``
+measures nf4 and rtn-w4g128 (a few minutes), section ``memory (GPTQ)`` the shipped gptq-w4g128 (GPTQ
+of 16 experts at Mixtral-8x7B's shapes: about 15 minutes on 2 cores).
 
     python -m benchmarks.memory quantize SRC RECIPE OUT   # the child (used by run())
 """
