@@ -31,7 +31,7 @@ from .config import MixtralConfig
 from .errors import MixtralQuantError
 from .model import DecoderLayer, Expert
 from .quant import HessianAccumulator, MethodName, get_method
-from .quant.base import Method, QuantResult
+from .quant.base import ROW_BAND, Method, QuantResult
 from .recipe import ExpertCalibration, ExpertPolicy, Fallback, Recipe
 from .textfile import read_text
 from .tokenizer import Tokenizer
@@ -328,20 +328,17 @@ def dequantized_rows(method: Method, tensors: Mapping[str, torch.Tensor]) -> Cal
     return lambda start, stop: whole[start:stop]
 
 
-ERROR_BAND = 1024  # output rows of the weight widened at a time by relative_error
-
-
 def relative_error(w: torch.Tensor, rows: Callable[[int, int], torch.Tensor], hessian: torch.Tensor | None) -> float:
     """||X(W-Q)^T||^2 / ||XW^T||^2 from the Hessian when there is one, else ||W-Q||^2 / ||W||^2, with
     ``W`` as stored (any float dtype) and ``rows(start, stop)`` the dequantized ``Q``'s rows, summed
-    over bands of :data:`ERROR_BAND` output rows so that no whole-weight float32 temporary is made.
+    over bands of :data:`ROW_BAND` output rows so that no whole-weight float32 temporary is made.
 
     Rounded to 6 significant digits: the last bits of a float32 sum follow the thread count, and a
     report should not change when a resumed run uses another one."""
     num = torch.zeros((), dtype=torch.float64, device=w.device)
     den = torch.zeros((), dtype=torch.float64, device=w.device)
-    for start in range(0, w.shape[0], ERROR_BAND):
-        stop = min(start + ERROR_BAND, w.shape[0])
+    for start in range(0, w.shape[0], ROW_BAND):
+        stop = min(start + ROW_BAND, w.shape[0])
         wb = w[start:stop].float()
         d = wb - rows(start, stop).to(wb.device)
         if hessian is None:

@@ -224,7 +224,8 @@ def test_relative_error_in_bands_is_the_formula(dtype: torch.dtype, with_hessian
     """The driver's error, summed over bands of rows from the stored weight and a band reader, equals
     ||X(W-Q)^T||^2 / ||XW^T||^2 (or ||W-Q||^2 / ||W||^2) computed at once in float64; a float32
     weight is read, not changed."""
-    from mixtral_quant.calibrate import ERROR_BAND, relative_error
+    from mixtral_quant.calibrate import relative_error
+    from mixtral_quant.quant.base import ROW_BAND as ERROR_BAND
 
     g = torch.Generator().manual_seed(4)
     w = (torch.randn(ERROR_BAND + 64, 96, generator=g) * 0.1).to(dtype)

@@ -259,7 +259,7 @@ def test_inverse_cholesky_factor_equals_the_references(layer: tuple[torch.Tensor
     inverse by halves, read in bands, equals the reference's (Cholesky, cholesky_inverse, upper
     Cholesky of the permuted Hessian) in float64; the inverse by halves equals torch's on an odd size
     with small leaves, and the Hessian given is left as it was."""
-    from mixtral_quant.quant.gptq import _damped_inverse_cholesky, lower_inverse
+    from mixtral_quant.quant.gptq import _damped_inverse_cholesky, invert_lower_
 
     _, _, h = layer
     h64 = h.double()
@@ -276,7 +276,9 @@ def test_inverse_cholesky_factor_equals_the_references(layer: tuple[torch.Tensor
     assert torch.allclose(upper, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
     g = torch.Generator().manual_seed(3)
     lower = torch.randn(301, 301, generator=g, dtype=torch.float64).tril() + 20 * torch.eye(301, dtype=torch.float64)
-    assert torch.allclose(lower_inverse(lower, leaf=16), torch.linalg.inv(lower), rtol=1e-10, atol=1e-12)
+    inverse = lower.t().contiguous().t()  # column-major, as the sweep's buffer
+    invert_lower_(inverse, leaf=16)
+    assert torch.allclose(inverse, torch.linalg.inv(lower), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -307,7 +309,8 @@ def test_round_to_nearest_in_bands_equals_the_whole_matrix(bits: int) -> None:
     """RTN straight into the stored tensors, a band of rows at a time from the bf16 weight (two full
     bands and a short one), gives the bytes of the whole float32 matrix at once, and a band read back
     equals those rows of the whole dequantized weight."""
-    from mixtral_quant.quant.gptq_method import BAND, dequantize_rows, rtn_checkpoint, to_checkpoint
+    from mixtral_quant.quant.base import ROW_BAND as BAND
+    from mixtral_quant.quant.gptq_method import dequantize_rows, rtn_checkpoint, to_checkpoint
 
     out_features = 2 * BAND + 96
     g = torch.Generator().manual_seed(11)

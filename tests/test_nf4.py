@@ -100,7 +100,7 @@ def test_bands_give_the_bytes_of_one_bitsandbytes_call(double_quant: bool) -> No
     """quantize_widened of a bf16 weight taller than a band (two bands and a short one) stores what
     one ``quantize_4bit`` of the whole float32 weight gives, and a band read back equals those rows of
     the whole dequantized weight."""
-    from mixtral_quant.quant.nf4 import BAND
+    from mixtral_quant.quant.base import ROW_BAND as BAND
 
     g = torch.Generator().manual_seed(2)
     weight = (torch.randn(2 * BAND + 64, 128, generator=g) * 0.05).to(torch.bfloat16)

@@ -48,6 +48,7 @@ NF4_BLOCKSIZES = frozenset({32, 64, 128, 256, 512, 1024, 2048, 4096})
 GROUP_QUANTUM = 32  # group sizes are multiples of this (whole 3-bit packing runs)
 # Codes per packing run (see packing.LAYOUTS): the packed dimension must be a multiple.
 PACK_RUN = {2: 16, 3: 32, 4: 8, 8: 4}
+ROW_BAND = 1024  # rows widened to float32 at a time by banded quantize, dequantize, error check (x 32)
 
 
 @dataclass(frozen=True)

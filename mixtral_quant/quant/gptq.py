@@ -21,11 +21,10 @@ from typing import NamedTuple
 import torch
 
 from mixtral_quant.errors import MixtralQuantError
-from mixtral_quant.quant.base import QuantConfig
+from mixtral_quant.quant.base import ROW_BAND, QuantConfig
 
 MAX_DAMP_RETRIES = 4  # damping grows x10 per retry: 0.01 -> 100 times the mean diagonal at most
 _MIN_SCALE = float(torch.finfo(torch.float16).tiny)  # smallest normal fp16
-_BAND = 1024  # rows copied or widened to float32 at a time when GPTQ sets up its matrices
 
 
 class HessianNotPositiveDefinite(MixtralQuantError):
@@ -153,14 +152,6 @@ def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
         {},
     )
     return result
-
-
-def lower_inverse(lower: torch.Tensor, leaf: int = 512) -> torch.Tensor:
-    """Inverse of a lower-triangular matrix (see :func:`invert_lower_`), in a new buffer."""
-    out = torch.empty(lower.shape[1], lower.shape[0], dtype=lower.dtype, device=lower.device).t()
-    out.copy_(lower)
-    invert_lower_(out, leaf)
-    return out
 
 
 def invert_lower_(m: torch.Tensor, leaf: int = 512) -> None:
@@ -295,11 +286,11 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
     # un-permuted rows, both built a band at a time from the weights as stored
     wt = torch.empty(in_features, out_features, dtype=torch.float32, device=device)
     for weight, start in zip(weights, starts, strict=True):
-        for r in range(0, in_features, _BAND):
-            wt[r : r + _BAND, start : start + weight.shape[0]] = weight.index_select(1, perm[r : r + _BAND]).t()
+        for r in range(0, in_features, ROW_BAND):
+            wt[r : r + ROW_BAND, start : start + weight.shape[0]] = weight.index_select(1, perm[r : r + ROW_BAND]).t()
         if cfg.static_groups:  # grids fixed before the sweep, on un-permuted columns
-            for r in range(0, weight.shape[0], _BAND):
-                wide = weight[r : r + _BAND].to(torch.float32, copy=True)  # never a view of the caller's
+            for r in range(0, weight.shape[0], ROW_BAND):
+                wide = weight[r : r + ROW_BAND].to(torch.float32, copy=True)  # never a view of the caller's
                 wide[:, dead] = 0.0
                 grid = group_grid(wide.reshape(wide.shape[0], n_groups, group), bits, cfg.sym)
                 scales[:, start + r : start + r + wide.shape[0]] = grid[0].t()

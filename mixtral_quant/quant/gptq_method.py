@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixtral_quant.quant.base import QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.base import ROW_BAND, QuantConfig, QuantResult, check_weight
 from mixtral_quant.quant.gptq import (
     HessianNotPositiveDefinite,
     QuantizedWeight,
@@ -31,7 +31,6 @@ from mixtral_quant.quant.modules import DequantLinear, require_shape, require_te
 from mixtral_quant.quant.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
 
 GPTQ_TENSORS = ["qweight", "qzeros", "scales", "g_idx"]
-BAND = 1024  # output rows widened to float32 at a time by round-to-nearest and the banded dequantize
 
 
 def to_checkpoint(qw: QuantizedWeight, bits: int) -> dict[str, torch.Tensor]:
@@ -53,7 +52,7 @@ def dequantize_checkpoint(tensors: Mapping[str, torch.Tensor], bits: int) -> tor
 
 def rtn_checkpoint(weight: torch.Tensor, cfg: QuantConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Round-to-nearest of ``weight [O, I]`` (any float dtype) straight into the gptq v1 tensors,
-    :data:`BAND` output rows at a time: rows never mix, so the bytes are those of the whole matrix at
+    ``ROW_BAND`` output rows at a time: rows never mix, so the bytes are those of the whole matrix at
     once, while float32 temporaries stay a band's size (16 MB at 4096 inputs, not 235 MB for w1)."""
     out_features, in_features = weight.shape
     bits, groups = cfg.bits, in_features // cfg.group_size_for(in_features)
@@ -63,8 +62,8 @@ def rtn_checkpoint(weight: torch.Tensor, cfg: QuantConfig) -> tuple[dict[str, to
         "scales": torch.empty(groups, out_features, dtype=torch.float16, device=weight.device),
     }
     info: dict[str, Any] = {}
-    for start in range(0, out_features, BAND):  # BAND and out_features are multiples of 32: whole words
-        stop = min(start + BAND, out_features)
+    for start in range(0, out_features, ROW_BAND):  # ROW_BAND and out_features are multiples of 32: whole words
+        stop = min(start + ROW_BAND, out_features)
         qw = rtn_quantize(weight[start:stop], cfg)
         band = to_checkpoint(qw, bits)
         tensors["qweight"][:, start:stop] = band["qweight"]

@@ -19,13 +19,12 @@ import torch
 from torch import nn
 
 from mixtral_quant.errors import CheckpointError
-from mixtral_quant.quant.base import QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.base import ROW_BAND, QuantConfig, QuantResult, check_weight
 from mixtral_quant.quant.modules import require_tensors
 
 _STATE_KEYS = ["weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"]
 _NESTED_KEYS = ["weight.nested_absmax", "weight.nested_quant_map"]
 _BNB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-BAND = 1024  # rows quantized (and widened) at a time
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -69,12 +68,12 @@ class NF4:
         return self._quantize(weight, torch.float32)
 
     def _quantize(self, weight: torch.Tensor, dtype: torch.dtype) -> QuantResult:
-        """bitsandbytes' ``quantize_4bit`` of ``weight`` as ``dtype``, :data:`BAND` rows at a time when
+        """bitsandbytes' ``quantize_4bit`` of ``weight`` as ``dtype``, ``ROW_BAND`` rows at a time when
         the blocks fit whole in a row: a block's codes and absmax depend on its own values only, so the
         bands give the codes and absmax of one call; the absmax are then double-quantized together as
         ``quantize_4bit`` does (offset their mean, 8-bit blocks of 256)."""
         cfg, (rows, cols) = self.config, weight.shape
-        band = BAND if cols % cfg.nf4_blocksize == 0 else rows
+        band = ROW_BAND if cols % cfg.nf4_blocksize == 0 else rows
         parts = [torch.ops.bitsandbytes.quantize_4bit.default(weight[r : r + band].to(dtype).contiguous(),
                                                               cfg.nf4_blocksize, "nf4", torch.uint8)
                  for r in range(0, rows, band)]  # fmt: skip
