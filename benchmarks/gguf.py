@@ -1,8 +1,9 @@
-"""Section gguf: our GPTQ-calibrated Q4_0 GGUF against llama.cpp's own quantizer, run by llama.cpp.
+"""Section gguf: our GPTQ-calibrated GGUFs against llama.cpp's own quantizer, run by llama.cpp.
 
 Ours: the embedded model quantized with the shipped ``gptq-w4g32`` recipe (GPTQ on Q4_0's grid), written
 by ``export gguf --type q4_0`` with its defaults (token_embd Q4_0, output Q6_K, as llama-quantize lays
-out a Q4_0 file). Peers: ``llama-quantize`` Q4_0 and Q4_K_M of the same model (an F32 GGUF of ours,
+out a Q4_0 file), and with ``gptq-q4_k`` (GPTQ on Q4_K's grid) written by ``--type q4_k`` (token_embd
+Q4_K, output Q6_K). Peers: ``llama-quantize`` Q4_0 and Q4_K_M of the same model (an F32 GGUF of ours,
 checked against transformers-equivalent logits in tests/test_export_gguf.py), each with an importance
 matrix that ``llama-imatrix`` computed on the same calibration text (wiki-train, as many 512-token
 chunks as our GPTQ's calibration sequences), and Q4_0 without one. Each file is scored twice on the
@@ -37,7 +38,10 @@ SECTION = "gguf"
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ("llama-quantize", "llama-imatrix", "llama-perplexity")
 BUILD = "scripts/build_llama_cpp.sh (or set LLAMA_CPP_BIN to a folder holding " + ", ".join(TOOLS) + ")"
-RECIPE = "gptq-w4g32"
+OURS = {  # label -> (recipe, GGUF type)
+    "gptq-w4g32 -> Q4_0 (ours)": ("gptq-w4g32", GGUFType.Q4_0),
+    "gptq-q4_k -> Q4_K (ours)": ("gptq-q4_k", GGUFType.Q4_K),
+}
 CTX = 512
 PEERS = {  # label -> (llama-quantize type, with the importance matrix)
     "llama-quantize Q4_0 + imatrix": ("Q4_0", True),
@@ -89,8 +93,8 @@ def tail_of(text_file: Path, tokenizer: Tokenizer, tokens: int, out: Path) -> Pa
 def run(work: Path, quick: bool, say: Any) -> list[Row]:
     tools = find_tools()
     if tools is None:
-        return [Row(SECTION, f"{RECIPE} -> Q4_0", peer, "ppl", "lower", status=Status.SKIPPED,
-                    note=f"llama.cpp tools not found: build them with {BUILD}") for peer in PEERS]
+        return [Row(SECTION, ours, peer, "ppl", "lower", status=Status.SKIPPED,
+                    note=f"llama.cpp tools not found: build them with {BUILD}") for ours in OURS for peer in PEERS]
     samples = 16 if quick else 128  # the recipe's own default in full mode
     eval_tokens = 8192 if quick else 32768
     work.mkdir(parents=True, exist_ok=True)
@@ -98,20 +102,22 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
     tok = Tokenizer(DEFAULT_MODEL)
     texts = {"wiki-test": head_of(CORPORA / "wiki-test.txt", tok, eval_tokens, work / "wiki-test-head.txt"),
              "moby-dick": tail_of(CORPORA / "moby-dick.txt", tok, eval_tokens, work / "moby-dick-tail.txt")}
-    say(f"gguf: quantize {RECIPE} (samples={samples}) and export Q4_0")
-    art = quantize_model(DEFAULT_MODEL, load_recipe(RECIPE, samples=samples), work / RECIPE, overwrite=True,
-                         progress=False)
-    files = {"ours": export_gguf(art, work / "ours-q4_0.gguf", GGUFOptions(GGUFType.Q4_0), overwrite=True,
-                                 progress=False).path}
+    files = {}
+    for label, (recipe, qtype) in OURS.items():
+        say(f"gguf: quantize {recipe} (samples={samples}) and export {qtype.name} ({time.time() - t0:.0f}s)")
+        art = quantize_model(DEFAULT_MODEL, load_recipe(recipe, samples=samples), work / recipe, overwrite=True,
+                             progress=False)
+        files[label] = export_gguf(art, work / f"{recipe}-{qtype.value}.gguf", GGUFOptions(qtype), overwrite=True,
+                                   progress=False).path
     f32 = export_gguf(DEFAULT_MODEL, work / "f32.gguf", GGUFOptions(GGUFType.F32), overwrite=True,
                       progress=False).path
     say(f"gguf: llama-imatrix on {samples} chunks of wiki-train ({time.time() - t0:.0f}s)")
     imatrix = work / "imatrix.gguf"
     _run([tools["llama-imatrix"], "-m", f32, "-f", CORPORA / "wiki-train.txt", "-o", imatrix, "-c", CTX,
           "--chunks", samples, "-t", "2"])
-    for label, (qtype, use_imatrix) in PEERS.items():
-        out = work / f"{qtype}{'-imatrix' if use_imatrix else ''}.gguf"
-        _run([tools["llama-quantize"], *(["--imatrix", imatrix] if use_imatrix else []), f32, out, qtype, "2"])
+    for label, (ftype, use_imatrix) in PEERS.items():
+        out = work / f"{ftype}{'-imatrix' if use_imatrix else ''}.gguf"
+        _run([tools["llama-quantize"], *(["--imatrix", imatrix] if use_imatrix else []), f32, out, ftype, "2"])
         files[label] = out
     say(f"gguf: llama-perplexity ({time.time() - t0:.0f}s)")
     figures: dict[str, dict[str, Any]] = {k: {"bytes": p.stat().st_size} for k, p in files.items()}
@@ -135,8 +141,10 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
              f"{base['wiki-test']:.4g} / {base['moby-dick']:.4g}, our fp32 ppl {base['ours wiki-test']:.4g} / "
              f"{base['ours moby-dick']:.4g}")
     rows = []
-    for label in PEERS:
-        for metric in ("llama ppl wiki-test", "llama ppl moby-dick", "KL wiki-test", "KL moby-dick", "bytes"):
-            rows.append(Row(SECTION, f"{RECIPE} -> Q4_0 (ours), {metric}", label, metric, "lower",
-                            figures["ours"], figures[label], 1, Status.OK, where))
+    for ours in OURS:
+        for label in PEERS:
+            for metric in ("llama ppl wiki-test", "llama ppl moby-dick", "ppl wiki-test", "ppl moby-dick",
+                           "KL wiki-test", "KL moby-dick", "bytes"):
+                rows.append(Row(SECTION, f"{ours}, {metric}", label, metric, "lower",
+                                figures[ours], figures[label], 1, Status.OK, where))
     return rows

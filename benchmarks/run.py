@@ -7,7 +7,7 @@ Sections: quality (tiny model: our recipes vs transformers + bitsandbytes and RT
 (GPTQ / NF4 / int8 on Mixtral-8x7B expert shapes vs GPTQModel and bare bitsandbytes), memory
 (peak RSS quantizing a 2-layer Mixtral-8x7B-shaped checkpoint; full mode only), memory-gptq (the
 same for the shipped GPTQ recipe; full mode only, about 15 minutes) and decode
-(prefill / decode tokens/s: onnxruntime exports, ours, transformers) and gguf (our GPTQ Q4_0 GGUF vs
+(prefill / decode tokens/s: onnxruntime exports, ours, transformers) and gguf (our GPTQ Q4_0 and Q4_K GGUFs vs
 llama-quantize Q4_0 / Q4_K_M with an importance matrix, scored by llama-perplexity and by our eval;
 needs scripts/build_llama_cpp.sh). Prints the table and writes
 benchmarks/results/latest.json and latest.md. Timings live here, never in tests.

@@ -205,7 +205,7 @@ def export_onnx_cmd(variant: Path | None, out: Path, target: str, dtype: str, nf
     click.echo(f"wrote {path}")
 
 
-GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q4_0"]
+GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q4_k", "q4_0"]
 
 
 @export.command("gguf")
@@ -214,13 +214,14 @@ GGUF_TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q4_0"]
 @click.option("--type", "type_", type=click.Choice(GGUF_TYPES), default="f16", show_default=True,
               help="Type of the decoder's linears (experts, attention). q4_0 / q8_0 keep an artifact's own codes "
                    "when its grid is that type (symmetric 4-/8-bit, groups a multiple of 32, as gptq-w4g32 or "
-                   "gptq-w4g128); anything else is re-quantized with llama.cpp's round-to-nearest (q6_k: "
-                   "ggml's reference Q6_K).")
+                   "gptq-w4g128), q4_k those of gptq-q4_k; anything else is re-quantized with llama.cpp's "
+                   "round-to-nearest (q4_k, q6_k: ggml's reference quantizers).")
 @click.option("--embedding-type", type=click.Choice(GGUF_TYPES), help="token_embd's type. Default: --type.")
 @click.option("--output-type", type=click.Choice(GGUF_TYPES),
-              help="The output head's type. Default: --type, or q6_k when --type is q4_0 (as llama-quantize).")
+              help="The output head's type. Default: --type, or q6_k when --type is q4_0 or q4_k (as "
+                   "llama-quantize).")
 @click.option("--kv-type", type=click.Choice(GGUF_TYPES),
-              help="Attention k/v's type. Default: --type; q8_0 for an 8-expert model from float at q4_0 "
+              help="Attention k/v's type. Default: --type; q8_0 for an 8-expert model from float at q4_0 or q4_k "
                    "(as llama-quantize).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT written by mixtral-quant.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or closing table.")
@@ -235,6 +236,8 @@ def export_gguf_cmd(source: Path | None, out: Path, type_: str, embedding_type: 
       mixtral-quant quantize --recipe gptq-w4g32 --out exports/gptq-w4g32
       mixtral-quant export gguf exports/gptq-w4g32 --type q4_0 --out exports/tiny-q4_0.gguf
       llama-cli -m exports/tiny-q4_0.gguf -p "The history of"
+      mixtral-quant quantize --recipe gptq-q4_k --out exports/gptq-q4_k    # GPTQ on Q4_K's grid
+      mixtral-quant export gguf exports/gptq-q4_k --type q4_k --out exports/tiny-q4_k.gguf
     """
     from .checkpoint import resolve_model
     from .export.gguf import GGUFOptions, GGUFType, export_gguf, gguf_summary

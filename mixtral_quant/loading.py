@@ -59,7 +59,12 @@ def _quant_config(d: dict[str, Any]) -> QuantConfig:
             return QuantConfig.for_method(MethodName.INT8)
     if method == "mixtral-quant" and d.get("format") == "w8":
         return QuantConfig.for_method(MethodName.W8)
-    raise ConfigError(f"quantization_config {d!r} names no method this tool can load (gptq, bitsandbytes, w8)")
+    if method == "mixtral-quant" and d.get("format") == "gguf-q4_k":
+        return QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=_int(d.get("group_size", 32), "group_size"),
+                           act_order=_bool(d.get("desc_act", False), "desc_act"),
+                           damp_percent=float(d.get("damp_percent", 0.01)))
+    raise ConfigError(f"quantization_config {d!r} names no method this tool can load "
+                      "(gptq, bitsandbytes, w8, gguf-q4_k)")
 
 
 def _int(v: Any, name: str) -> int:

@@ -40,14 +40,14 @@ F32_IO = {"embedding": GGUFType.F32, "output": GGUFType.F32}
 # 0.331, from gptq-w4g128 0.102 (0.147 with the GPTQ sweep before 2026-12-02); Q8_0 0.359 (0.395);
 # llama.cpp's own Q8_0 against its own dequantized weights 0.430. The bound is that regime, for both
 # types. Other weights are far outside: round-to-nearest Q4_0 against the GPTQ artifact differs by 2.47.
-TOLERANCE = {GGUFType.Q4_0: 0.6, GGUFType.Q8_0: 0.6}
+TOLERANCE = {GGUFType.Q4_0: 0.6, GGUFType.Q8_0: 0.6, GGUFType.Q4_K: 0.6}
 
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The embedded model quantized with shipped recipes (a short calibration)."""
     root = tmp_path_factory.mktemp("gguf-src")
-    runs = {"gptq-w4g32": {}, "gptq-w4g128": {}, "gptq-w8g32": {"bits": 8}, "nf4": {}}
+    runs = {"gptq-w4g32": {}, "gptq-w4g128": {}, "gptq-w8g32": {"bits": 8}, "nf4": {}, "gptq-q4_k": {}}
     return {name: quantize_model(DEFAULT_MODEL, load_recipe(name.replace("w8", "w4"), samples=4, seq_len=64, **kw),
                                  root / name, progress=False)
             for name, kw in runs.items()}
@@ -92,10 +92,11 @@ def test_f32_gguf_runs_in_llama_cpp_like_our_model(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("source", "qtype"), [("gptq-w4g32", GGUFType.Q4_0), ("gptq-w4g128", GGUFType.Q4_0),
-                                               ("gptq-w8g32", GGUFType.Q8_0)])
+                                               ("gptq-w8g32", GGUFType.Q8_0), ("gptq-q4_k", GGUFType.Q4_K)])
 def test_block_types_hold_our_codes(artifacts: dict[str, Path], tmp_path: Path, source: str, qtype: GGUFType) -> None:
     """Symmetric 4-/8-bit GPTQ with groups a multiple of 32 (the shipped gptq-w4g32 and gptq-w4g128
-    included) becomes Q4_0 / Q8_0 code for code: gguf-py's dequantized weights equal our artifact's
+    included) becomes Q4_0 / Q8_0 code for code, and gptq-q4_k's blocks become Q4_K byte for byte:
+    gguf-py's dequantized weights equal our artifact's
     exactly; llama.cpp runs it within the stated tolerance of our dequantized model, same tokens."""
     art = artifacts[source]
     result = export_gguf(art, tmp_path / "m.gguf", GGUFOptions(qtype, **F32_IO), progress=False)
@@ -182,17 +183,35 @@ def test_requantized_files_equal_llama_quantize(tmp_path: Path) -> None:
     output Q6_K, attention k/v Q8_0 in an 8-expert model, norms and router F32) and the same bytes."""
     f32 = export_gguf(DEFAULT_MODEL, tmp_path / "f32.gguf", GGUFOptions(GGUFType.F32), progress=False).path
     ours = export_gguf(DEFAULT_MODEL, tmp_path / "ours.gguf", GGUFOptions(GGUFType.Q4_0), progress=False).path
-    theirs = tmp_path / "theirs.gguf"
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-    params.nthread = 2
-    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(), params) == 0
-    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
-    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    a, b = tensors_of(ours), llama_quantize(f32, tmp_path / "theirs.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0)
     assert {k: t.tensor_type.name for k, t in a.items()} == {k: t.tensor_type.name for k, t in b.items()}
     assert {t.tensor_type.name for t in a.values()} == {"Q4_0", "Q6_K", "Q8_0", "F32"}
     for name, t in a.items():
         assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
+    # --type q4_k: every tensor llama-quantize's Q4_K_S makes Q4_K (all but attention k/v, Q8_0 in both,
+    # and attention output, Q5_K in theirs) has the same bytes as ours
+    ours = export_gguf(DEFAULT_MODEL, tmp_path / "ours-k.gguf", GGUFOptions(GGUFType.Q4_K), progress=False).path
+    a, b = tensors_of(ours), llama_quantize(f32, tmp_path / "theirs-k.gguf", llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S)
+    same = [name for name, t in b.items() if t.tensor_type.name == "Q4_K"]
+    assert len(same) == 1 + 4 * 4  # token_embd; q and the three expert stacks of each layer
+    for name in same:
+        assert a[name].tensor_type.name == "Q4_K", name
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    assert {a[f"blk.0.attn_{x}.weight"].tensor_type.name for x in "kv"} == {"Q8_0"}
+    assert a["output.weight"].tensor_type.name == "Q6_K"
+
+
+def tensors_of(path: Path) -> dict[str, gguf.ReaderTensor]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def llama_quantize(f32: Path, out: Path, ftype: int) -> dict[str, gguf.ReaderTensor]:
+    """``llama_model_quantize`` of ``f32`` to ``ftype`` (no importance matrix): its tensors by name."""
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params) == 0
+    return tensors_of(out)
 
 
 def test_q6_k_decodes_to_its_own_grid() -> None:

@@ -218,6 +218,10 @@ def _gptq_grid(lin: LinearWeights) -> tuple[int | None, torch.Tensor, torch.Tens
     return (group if groups > 1 else None), scales, None if default else zero_t
 
 
+# Grids that are not integer codes times a scale less an integer zero (NF4's table; Q4_K's float minimums)
+NO_BLOCK_FORM = frozenset({MethodName.NF4, MethodName.GPTQ_Q4_K})
+
+
 @dataclass(frozen=True)
 class GridSignature:
     """What :func:`block_quant`'s form of a linear allows, read without its codes."""
@@ -230,7 +234,7 @@ class GridSignature:
 def block_signature(lin: LinearWeights) -> GridSignature | None:
     """The signature of :func:`block_quant`'s form; GPTQ needs no ``qweight`` for it."""
     q = lin.quant
-    if q is None or q.method is MethodName.NF4:
+    if q is None or q.method in NO_BLOCK_FORM:
         return None
     if q.method in (MethodName.INT8, MethodName.W8):
         return GridSignature(8, block_choices(None, lin.in_features), False)
@@ -242,7 +246,7 @@ def block_quant(lin: LinearWeights) -> BlockQuant | None:
     """The linear as integer codes with scales and zeros on its stored grid, exactly; None when it
     has no such form. :meth:`BlockQuant.at` re-blocks it."""
     q = lin.quant
-    if q is None or q.method is MethodName.NF4:
+    if q is None or q.method in NO_BLOCK_FORM:
         return None
     t = lin.tensors
     if q.method in (MethodName.INT8, MethodName.W8):

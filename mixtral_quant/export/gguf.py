@@ -37,6 +37,8 @@ from mixtral_quant.export.gguf_blocks import QK_K, gguf_grid, pack_exact, quanti
 from mixtral_quant.export.gguf_vocab import add_vocab, read_vocab
 from mixtral_quant.export.mixtral import lm_head_weight, source_identity
 from mixtral_quant.export.record import op_lines
+from mixtral_quant.quant import MethodName
+from mixtral_quant.quant.q4_k import quantize_q4_k
 
 Q = gguf.GGMLQuantizationType
 FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
@@ -50,6 +52,7 @@ class GGUFType(str, Enum):
     BF16 = "bf16"
     Q8_0 = "q8_0"
     Q6_K = "q6_k"
+    Q4_K = "q4_k"
     Q4_0 = "q4_0"
 
     @property
@@ -63,8 +66,11 @@ class GGUFType(str, Enum):
 
     @property
     def file_type(self) -> gguf.LlamaFileType:
-        names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16"}
+        names = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_K": "MOSTLY_Q4_K_S"}
         return gguf.LlamaFileType[names.get(self.name, f"MOSTLY_{self.name}")]
+
+
+FOUR_BIT = (GGUFType.Q4_0, GGUFType.Q4_K)
 
 
 @dataclass(frozen=True)
@@ -87,10 +93,10 @@ class GGUFOptions:
         if self.kv is not None:
             return self.kv
         eight = cfg.moe is not None and cfg.moe.num_local_experts == 8
-        return GGUFType.Q8_0 if self.linear is GGUFType.Q4_0 and eight and from_float else self.linear
+        return GGUFType.Q8_0 if self.linear in FOUR_BIT and eight and from_float else self.linear
 
     def output_type(self, hidden_size: int) -> GGUFType:
-        if self.output is not None or self.linear is not GGUFType.Q4_0:
+        if self.output is not None or self.linear not in FOUR_BIT:
             return self.output or self.linear
         return GGUFType.Q6_K if hidden_size % QK_K == 0 else GGUFType.Q8_0
 
@@ -205,6 +211,10 @@ def _linear(name: str, component: str, layer: int, prefixes: list[str], shape: t
 def _encode_linear(ctx: ExportContext, lin: LinearWeights, qtype: gguf.GGMLQuantizationType,
                    rope_heads: int | None, component: str) -> np.ndarray:
     """A linear as ``qtype``: its own codes when its grid is that block type, else its float weight encoded."""
+    if qtype == Q.Q4_K and lin.quant is not None and lin.quant.method is MethodName.GPTQ_Q4_K:
+        ctx.note(component, "Q4_K (exact)")
+        rows = lin.tensors["q4_k"].numpy()
+        return rope_rows(rows, rope_heads) if rope_heads is not None else rows
     bits = {Q.Q4_0: 4, Q.Q8_0: 8}.get(qtype)
     form = gguf_grid(block_quant(lin), bits) if bits is not None else None
     if form is not None:
@@ -224,6 +234,8 @@ def _quantize(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     w = np.ascontiguousarray(w, dtype=np.float32)
     if qtype == Q.Q6_K:
         return quantize_q6_k(w)
+    if qtype == Q.Q4_K:
+        return quantize_q4_k(w)
     return w if qtype == Q.F32 else gguf.quants.quantize(w, qtype)
 
 

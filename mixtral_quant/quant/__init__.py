@@ -18,6 +18,7 @@ from mixtral_quant.quant.gptq import HessianAccumulator, HessianNotPositiveDefin
 from mixtral_quant.quant.gptq_method import GPTQ, RTN
 from mixtral_quant.quant.int8 import INT8, W8
 from mixtral_quant.quant.nf4 import NF4
+from mixtral_quant.quant.q4_k_method import GPTQQ4K
 
 METHODS: dict[MethodName, Callable[[QuantConfig], Method]] = {
     MethodName.NF4: NF4,
@@ -25,6 +26,7 @@ METHODS: dict[MethodName, Callable[[QuantConfig], Method]] = {
     MethodName.W8: W8,
     MethodName.GPTQ: GPTQ,
     MethodName.RTN: RTN,
+    MethodName.GPTQ_Q4_K: GPTQQ4K,
 }
 
 

@@ -25,6 +25,7 @@ class MethodName(str, Enum):
     W8 = "w8"  # weight-only symmetric int8, one scale per output channel
     GPTQ = "gptq"  # GPTQ (Frantar et al. 2022), stored in the GPTQ v1 checkpoint layout
     RTN = "rtn"  # round-to-nearest in the GPTQ layout: GPTQ's baseline and its fallback
+    GPTQ_Q4_K = "gptq-q4_k"  # GPTQ onto llama.cpp's Q4_K grid, stored as its block_q4_K bytes
 
 
 GPTQ_LAYOUT_METHODS = frozenset({MethodName.GPTQ, MethodName.RTN})
@@ -36,6 +37,7 @@ ALLOWED_BITS: dict[MethodName, frozenset[int]] = {
     MethodName.NF4: frozenset({4}),
     MethodName.INT8: frozenset({8}),
     MethodName.W8: frozenset({8}),
+    MethodName.GPTQ_Q4_K: frozenset({4}),
 }
 NATIVE_BITS: dict[MethodName, int] = {
     MethodName.GPTQ: 4,
@@ -43,11 +45,13 @@ NATIVE_BITS: dict[MethodName, int] = {
     MethodName.NF4: 4,
     MethodName.INT8: 8,
     MethodName.W8: 8,
+    MethodName.GPTQ_Q4_K: 4,
 }
 NF4_BLOCKSIZES = frozenset({32, 64, 128, 256, 512, 1024, 2048, 4096})
 GROUP_QUANTUM = 32  # group sizes are multiples of this (whole 3-bit packing runs)
 # Codes per packing run (see packing.LAYOUTS): the packed dimension must be a multiple.
 PACK_RUN = {2: 16, 3: 32, 4: 8, 8: 4}
+Q4_K_SUPER_BLOCK, Q4_K_SUB_BLOCK = 256, 32  # llama.cpp's Q4_K: inputs per super-block and per scale
 ROW_BAND = 1024  # rows widened to float32 at a time by banded quantize, dequantize, error check (x 32)
 
 
@@ -101,6 +105,9 @@ class QuantConfig:
             raise ConfigError(f"nf4_blocksize {self.nf4_blocksize} is invalid: use one of {sorted(NF4_BLOCKSIZES)}")
         if self.compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ConfigError(f"compute_dtype {self.compute_dtype} is invalid: use float16, bfloat16 or float32")
+        if self.method is MethodName.GPTQ_Q4_K and self.group_size != Q4_K_SUB_BLOCK:
+            raise ConfigError(f"{self.method.value} has one scale per {Q4_K_SUB_BLOCK} inputs: set group_size "
+                              f"{Q4_K_SUB_BLOCK}, not {self.group_size}")
         if self.int8_threshold < 0.0:
             raise ConfigError(f"int8_threshold {self.int8_threshold} is invalid: it must be >= 0")
 
@@ -118,6 +125,9 @@ class QuantConfig:
         """ConfigError when a ``[out_features, in_features]`` weight cannot be stored this way."""
         if in_features <= 0 or out_features <= 0:
             raise ConfigError(f"cannot quantize a weight of shape [{out_features}, {in_features}]")
+        if self.method is MethodName.GPTQ_Q4_K and in_features % Q4_K_SUPER_BLOCK:
+            raise ConfigError(f"{self.method.value} needs in_features a multiple of {Q4_K_SUPER_BLOCK}, "
+                              f"got {in_features}: use another method for this model")
         if self.method not in GPTQ_LAYOUT_METHODS:
             return
         group = self.group_size_for(in_features)

@@ -248,10 +248,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig)
     return gptq_quantize_stacked([weight], hessian, cfg)[0]
 
 
-def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cfg: QuantConfig
-                          ) -> list[QuantizedWeight]:  # fmt: skip
+class AffineGrid(NamedTuple):
+    """A fixed grid given by the caller, float32 ``[G, O]`` each (groups of ``cfg.group_size`` inputs in
+    input order): code ``q`` of a group stands for ``scale * q - offset`` and is chosen as
+    ``clamp(round((w + offset) / scale), 0, maxq)`` (0 where the scale is 0); llama.cpp's K-quants."""
+
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+
+def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cfg: QuantConfig,
+                          grid: AffineGrid | None = None) -> list[QuantizedWeight]:  # fmt: skip
     """GPTQ of linears that share one input (q/k/v; an expert's w1/w3) as one matrix: one damped
-    inverse Cholesky and one sweep, split back into one :class:`QuantizedWeight` per linear."""
+    inverse Cholesky and one sweep, split back into one :class:`QuantizedWeight` per linear.
+
+    With ``grid`` (over the stacked rows) the sweep quantizes onto it as onto static groups, and the
+    results' ``zeros`` hold its offsets (float32)."""
     in_features = weights[0].shape[1]
     for weight in weights:
         if weight.dim() != 2 or weight.shape[1] != in_features or hessian.shape != (in_features, in_features):
@@ -280,21 +292,26 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
             h.diagonal()[dead] = 0.0
 
     n_groups = in_features // group
-    scales = torch.zeros(n_groups, out_features, device=device)
-    zeros = torch.zeros(n_groups, out_features, device=device)
+    static = cfg.static_groups or grid is not None
+    if grid is None:
+        scales = torch.zeros(n_groups, out_features, device=device)
+        zeros = torch.zeros(n_groups, out_features, device=device)
+    else:  # division by an infinite scale gives code 0 where the scale is 0
+        scales, zeros = grid.scale.to(device), grid.offset.to(device)
+        divisor = torch.where(scales == 0, torch.inf, scales)
     # W^T [I, O] in sweep order (float32, a copy; dead inputs zeroed), and the static grids of the
     # un-permuted rows, both built a band at a time from the weights as stored
     wt = torch.empty(in_features, out_features, dtype=torch.float32, device=device)
     for weight, start in zip(weights, starts, strict=True):
         for r in range(0, in_features, ROW_BAND):
             wt[r : r + ROW_BAND, start : start + weight.shape[0]] = weight.index_select(1, perm[r : r + ROW_BAND]).t()
-        if cfg.static_groups:  # grids fixed before the sweep, on un-permuted columns
+        if cfg.static_groups and grid is None:  # grids fixed before the sweep, on un-permuted columns
             for r in range(0, weight.shape[0], ROW_BAND):
                 wide = weight[r : r + ROW_BAND].to(torch.float32, copy=True)  # never a view of the caller's
                 wide[:, dead] = 0.0
-                grid = group_grid(wide.reshape(wide.shape[0], n_groups, group), bits, cfg.sym)
-                scales[:, start + r : start + r + wide.shape[0]] = grid[0].t()
-                zeros[:, start + r : start + r + wide.shape[0]] = grid[1].t()
+                fitted = group_grid(wide.reshape(wide.shape[0], n_groups, group), bits, cfg.sym)
+                scales[:, start + r : start + r + wide.shape[0]] = fitted[0].t()
+                zeros[:, start + r : start + r + wide.shape[0]] = fitted[1].t()
     if fix:
         wt[dead[perm]] = 0.0
     static_group_of = (perm // group).tolist()  # group of the column at each sweep position
@@ -309,16 +326,20 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
         hinv1 = band[:, : i2 - i1]
         for i in range(i2 - i1):
             col = i1 + i
-            if cfg.static_groups:
+            if static:
                 g = static_group_of[col]
             else:
                 g = col // group
                 if col % group == 0:  # the reference: grid from W as of this block's start
                     scales[g], zeros[g] = group_grid(wt[col : col + group].t(), bits, cfg.sym)
             wcol = w1[i]
-            q = quantize_codes(wcol, scales[g], zeros[g], bits)
+            if grid is None:
+                q = quantize_codes(wcol, scales[g], zeros[g], bits)
+                err = (wcol - scales[g] * (q - zeros[g])) / hinv1[i, i]
+            else:
+                q = (wcol + zeros[g]).div_(divisor[g]).round_().clamp_(0, 2**bits - 1)
+                err = (wcol - (scales[g] * q - zeros[g])) / hinv1[i, i]
             q1[i] = q
-            err = (wcol - scales[g] * (q - zeros[g])) / hinv1[i, i]
             w1[i:].addr_(hinv1[i, i:], err, alpha=-1.0)  # spread the error over later columns
             err1[i] = err
         qt[i1:i2] = q1
@@ -327,18 +348,16 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
     del wt, hinv
 
     invperm = torch.argsort(perm)
-    if cfg.static_groups or not cfg.act_order:
-        g_idx = torch.arange(in_features, device=device) // group
-    else:  # groups formed in permuted order: input i sits at position invperm[i]
-        g_idx = invperm // group
+    # act-order without static groups forms groups in permuted order: input i sits at position invperm[i]
+    g_idx = torch.arange(in_features, device=device) // group if static or not cfg.act_order else invperm // group
     codes = qt.index_select(0, invperm) if cfg.act_order else qt  # [I, O], inputs in order
     del qt
     out = []
     for weight, start in zip(weights, starts, strict=True):
         part = slice(start, start + weight.shape[0])
         qint = codes[:, part].t().to(torch.int32).contiguous()  # [O, I]
-        result = QuantizedWeight(qint, scales[:, part].contiguous(),
-                                 zeros[:, part].to(torch.int32), g_idx.to(torch.int32), {})  # fmt: skip
+        part_zeros = zeros[:, part] if grid is not None else zeros[:, part].to(torch.int32)
+        result = QuantizedWeight(qint, scales[:, part].contiguous(), part_zeros, g_idx.to(torch.int32), {})
         result.info.update(
             damp_percent=damp,
             damp_retries=retries,
