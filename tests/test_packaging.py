@@ -172,6 +172,15 @@ def test_moby_dick_is_a_named_dataset_like_wiki_test() -> None:
     assert len(named.tokens) == 315_752 + 1  # PROVENANCE.md's token count, plus BOS
 
 
+def test_ci_gate_bounds_every_shipped_recipe() -> None:
+    """The CI gate (calibration/bounds/tiny.toml) names each shipped recipe: a variant without bounds
+    would be evaluated by the demo but never gated."""
+    from mixtral_quant.eval.report import load_bounds
+    from mixtral_quant.recipe import BOUNDS, shipped_recipes
+
+    assert sorted(load_bounds(BOUNDS / "tiny.toml")) == sorted(shipped_recipes())
+
+
 def test_quantize_does_not_import_the_exporters() -> None:
     """``mixtral-quant quantize`` loads the pipeline only: no ONNX, onnxruntime or GGUF code."""
     code = ("import sys, mixtral_quant.pipeline, mixtral_quant.cli; "
