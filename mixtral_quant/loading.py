@@ -9,9 +9,7 @@ randomly initialised weight.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,64 +17,12 @@ from torch import nn
 from .artifact import check_source
 from .checkpoint import CheckpointReader, check_tensor, load_config, quantization_config, resolve_model
 from .config import MixtralConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError
 from .model import DecoderLayer, MixtralForCausalLM
-from .quant import MethodName, QuantConfig, get_method
+from .quant import get_method, read_quantization_config
 from .quant.base import Method
 from .sizes import check_fits, parameter_counts, tensor_shapes
 from .stored_linear import quantized_tensors
-
-
-def quant_config_from_hf(d: dict[str, Any]) -> QuantConfig:
-    """The QuantConfig a config.json 'quantization_config' describes."""
-    try:
-        return _quant_config(d)
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"quantization_config has a missing or malformed field ({type(e).__name__}: {e}): "
-                          f"{json.dumps(d)[:200]}") from None
-
-
-def _quant_config(d: dict[str, Any]) -> QuantConfig:
-    method = d.get("quant_method") if isinstance(d, dict) else None
-    if method == "gptq":
-        if d.get("format", "gptq") not in ("gptq", None) or d.get("checkpoint_format", "gptq") != "gptq":
-            raise ConfigError(f"GPTQ format {d.get('format')!r} is not supported; only 'gptq' (v1 zeros) is")
-        return QuantConfig(
-            MethodName.GPTQ,
-            bits=_int(d["bits"], "bits"),
-            group_size=_int(d.get("group_size", 128), "group_size"),
-            sym=_bool(d.get("sym", True), "sym"),
-            act_order=_bool(d.get("desc_act", False), "desc_act"),
-            static_groups=_bool(d.get("static_groups", True), "static_groups"),
-            damp_percent=float(d.get("damp_percent", 0.01)),
-        )
-    if method == "bitsandbytes":
-        if d.get("load_in_4bit"):
-            if d.get("bnb_4bit_quant_type", "nf4") != "nf4":
-                raise ConfigError(f"bitsandbytes 4-bit type {d.get('bnb_4bit_quant_type')!r} is not supported")
-            return QuantConfig(MethodName.NF4, bits=4, double_quant=bool(d.get("bnb_4bit_use_double_quant", False)))
-        if d.get("load_in_8bit"):
-            return QuantConfig.for_method(MethodName.INT8)
-    if method == "mixtral-quant" and d.get("format") == "w8":
-        return QuantConfig.for_method(MethodName.W8)
-    if method == "mixtral-quant" and d.get("format") == "gguf-q4_k":
-        return QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=_int(d.get("group_size", 32), "group_size"),
-                           act_order=_bool(d.get("desc_act", False), "desc_act"),
-                           damp_percent=float(d.get("damp_percent", 0.01)))
-    raise ConfigError(f"quantization_config {d!r} names no method this tool can load "
-                      "(gptq, bitsandbytes, w8, gguf-q4_k)")
-
-
-def _int(v: Any, name: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{name} must be an integer, got {v!r}")
-    return v
-
-
-def _bool(v: Any, name: str) -> bool:
-    if not isinstance(v, bool):
-        raise ValueError(f"{name} must be true or false, got {v!r}")
-    return v
 
 
 def check_layout(reader: CheckpointReader, cfg: MixtralConfig) -> None:
@@ -115,7 +61,7 @@ def load_model(
     cfg = load_config(path)
     qc = quantization_config(path)
     check_source(path, quantized=bool(qc), no_verify=no_verify)
-    method = get_method(quant_config_from_hf(qc)) if qc else None
+    method = get_method(read_quantization_config(qc)) if qc else None
     with CheckpointReader(path) as reader:
         check_layout(reader, cfg)
         if method is None:

@@ -44,7 +44,7 @@ from .config import read_config_json
 from .errors import IntegrityError, MixtralQuantError
 from .hf_tokenizer import write_tokenizer_files
 from .loading import check_checkpoint, load_layer
-from .quant import MethodName, get_method
+from .quant import get_method
 from .recipe import Recipe
 from .tokenizer import Tokenizer
 
@@ -211,13 +211,13 @@ def finish(src: Path, work: Path, recipe: Recipe, n_layers: int, identity: dict[
     write_json(work / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     method = get_method(recipe.quant)
     qc = method.quantization_config()
-    if recipe.quant.method in (MethodName.NF4, MethodName.INT8):
+    if "llm_int8_skip_modules" in qc:  # bitsandbytes' entry: the Mixtral modules it leaves in float
         qc["llm_int8_skip_modules"] = ["block_sparse_moe.gate", "lm_head"]
     config = read_config_json(src)
     config["quantization_config"] = qc
     write_json(work / "config.json", config)
-    if recipe.quant.method in (MethodName.GPTQ, MethodName.RTN):
-        write_json(work / "quantize_config.json", qc)
+    for name in method.config_files:
+        write_json(work / name, qc)
     for name in COPY_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, work / name)

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from mixtral_quant.errors import ConfigError
-from mixtral_quant.loading import quant_config_from_hf
-from mixtral_quant.quant import HessianAccumulator, MethodName, QuantConfig, get_method
+from mixtral_quant.quant import HessianAccumulator, MethodName, QuantConfig, get_method, read_quantization_config
 from mixtral_quant.quant.q4_k import Q4_K_BYTES, dequantize_q4_k, pack_q4_k, q4_k_grid, quantize_q4_k
 
 Q4_K = gguf.GGMLQuantizationType.Q4_K
@@ -116,7 +115,7 @@ def test_stacked_sweep_equals_one_by_one() -> None:
 
 def test_config_round_trip_and_shape_errors() -> None:
     method = get_method(CONFIG)
-    assert quant_config_from_hf(method.quantization_config()) == CONFIG
+    assert read_quantization_config(method.quantization_config()) == CONFIG
     with pytest.raises(ConfigError, match="group_size 32"):
         QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=128)
     with pytest.raises(ConfigError, match="multiple of 256"):

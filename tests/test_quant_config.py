@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from mixtral_quant.errors import ConfigError, MixtralQuantError
-from mixtral_quant.quant import METHODS, MethodName, QuantConfig, get_method
+from mixtral_quant.quant import METHODS, MethodName, QuantConfig, get_method, read_quantization_config
 
 
 @pytest.mark.parametrize(
@@ -71,13 +73,38 @@ def test_registry_covers_every_method() -> None:
     for name in MethodName:
         method = get_method(QuantConfig.for_method(name, group_size=32))
         assert method.config.method is name
-        weight = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
-        hessian = torch.eye(64) if method.needs_hessian else None
+        weight = torch.randn(32, 256, generator=torch.Generator().manual_seed(0))
+        hessian = torch.eye(256) if method.needs_hessian else None
         result = method.quantize(weight, hessian)
         assert sorted(result.tensors) == sorted(method.tensor_names())
-        assert method.dequantize(result.tensors).shape == (32, 64)
+        assert method.dequantize(result.tensors).shape == (32, 256)
         assert result.info["method"] == name.value
-        assert method.quantization_config()
+
+
+@pytest.mark.parametrize("config", [
+    QuantConfig(MethodName.GPTQ, bits=3, group_size=64, sym=False, act_order=True, static_groups=False,
+                damp_percent=0.05),
+    QuantConfig(MethodName.GPTQ, bits=8, group_size=-1),
+    QuantConfig(MethodName.NF4, double_quant=False),
+    QuantConfig.for_method(MethodName.INT8),
+    QuantConfig.for_method(MethodName.W8),
+    QuantConfig(MethodName.GPTQ_Q4_K, group_size=32, act_order=True, damp_percent=0.02),
+])
+def test_each_method_reads_back_the_quantization_config_it_writes(config: QuantConfig) -> None:
+    """The entry a method writes into config.json reads back, through the registry, as the settings
+    that wrote it (what loading needs: the method, bits, grid and GPTQ's recorded options)."""
+    assert read_quantization_config(get_method(config).quantization_config()) == config
+
+
+def test_rtn_reads_back_as_gptq_and_foreign_entries_are_refused() -> None:
+    """RTN writes the GPTQ layout and GPTQModel's entry: it loads as GPTQ with the same grid."""
+    rtn = QuantConfig(MethodName.RTN, bits=4, group_size=128, sym=False)
+    assert read_quantization_config(get_method(rtn).quantization_config()) == replace(rtn, method=MethodName.GPTQ)
+    for entry in ({"quant_method": "awq", "bits": 4}, {"quant_method": "bitsandbytes"}, ["gptq"]):
+        with pytest.raises(ConfigError, match="quantization_config"):
+            read_quantization_config(entry)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"malformed field .*bits must be an integer"):
+        read_quantization_config({"quant_method": "gptq", "bits": "4"})
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])

@@ -59,9 +59,9 @@ from mixtral_quant.eval.report import (
     write_reports,
 )
 from mixtral_quant.eval.speed import SpeedResult, measure_speed
-from mixtral_quant.loading import load_model, quant_config_from_hf
+from mixtral_quant.loading import load_model
 from mixtral_quant.model import DecoderLayer, MixtralForCausalLM, RMSNorm
-from mixtral_quant.quant import get_method
+from mixtral_quant.quant import get_method, read_quantization_config
 from mixtral_quant.sizes import free_bytes
 from mixtral_quant.stored_linear import quantized_tensors
 
@@ -85,7 +85,7 @@ class CheckpointLayers:
         self.reader = CheckpointReader(folder)
         self._cfg = load_config(folder)
         qc = quantization_config(folder)
-        self.method = get_method(quant_config_from_hf(qc)) if qc else None
+        self.method = get_method(read_quantization_config(qc)) if qc else None
         self._dtype = dtype
         self.loaded = dict.fromkeys(COMPONENTS, 0)  # bytes of every part handed out (once per part)
         self.used: set[str] = set()

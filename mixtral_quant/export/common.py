@@ -30,8 +30,7 @@ from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization
 from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import CheckpointError
 from mixtral_quant.export.graph import GraphBuilder
-from mixtral_quant.loading import quant_config_from_hf
-from mixtral_quant.quant import MethodName, QuantConfig, get_method
+from mixtral_quant.quant import MethodName, QuantConfig, get_method, read_quantization_config
 from mixtral_quant.quant.packing import unpack_qweight, unpack_qzeros
 from mixtral_quant.stored_linear import quantized_tensors
 
@@ -84,7 +83,7 @@ def open_variant(folder: Path) -> Iterator[tuple[MixtralConfig, QuantConfig | No
     cfg = load_config(folder)
     qc = quantization_config(folder)
     with CheckpointReader(folder) as reader:
-        yield cfg, (quant_config_from_hf(qc) if qc else None), reader
+        yield cfg, (read_quantization_config(qc) if qc else None), reader
 
 
 # Linear weights and their forms ---------------------------------------------------------------------

@@ -11,8 +11,11 @@ make_module, quantization_config) and is found through :data:`METHODS`, a regist
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Mapping
+from typing import Any
 
+from mixtral_quant.errors import ConfigError
 from mixtral_quant.quant.base import Method, MethodName, QuantConfig, QuantResult
 from mixtral_quant.quant.gptq import HessianAccumulator, HessianNotPositiveDefinite
 from mixtral_quant.quant.gptq_method import GPTQ, RTN
@@ -20,7 +23,7 @@ from mixtral_quant.quant.int8 import INT8, W8
 from mixtral_quant.quant.nf4 import NF4
 from mixtral_quant.quant.q4_k_method import GPTQQ4K
 
-METHODS: dict[MethodName, Callable[[QuantConfig], Method]] = {
+METHODS: dict[MethodName, type[Method]] = {
     MethodName.NF4: NF4,
     MethodName.INT8: INT8,
     MethodName.W8: W8,
@@ -35,6 +38,23 @@ def get_method(config: QuantConfig) -> Method:
     return METHODS[config.method](config)
 
 
+def read_quantization_config(entry: Mapping[str, Any]) -> QuantConfig:
+    """The settings of the method that wrote a config.json ``quantization_config`` entry (each method
+    reads its own); ConfigError when no method claims it or a field is missing or malformed."""
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"quantization_config must be a table of settings, got {entry!r}")
+    try:
+        for method in METHODS.values():
+            config = method.read_config(entry)
+            if config is not None:
+                return config
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"quantization_config has a missing or malformed field ({type(e).__name__}: {e}): "
+                          f"{json.dumps(entry)[:200]}") from None
+    raise ConfigError(f"quantization_config {dict(entry)!r} names no method this tool can load "
+                      "(gptq, bitsandbytes, w8, gguf-q4_k)")
+
+
 __all__ = [
     "METHODS",
     "HessianAccumulator",
@@ -44,4 +64,5 @@ __all__ = [
     "QuantConfig",
     "QuantResult",
     "get_method",
+    "read_quantization_config",
 ]

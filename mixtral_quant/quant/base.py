@@ -158,6 +158,16 @@ class Method(Protocol):
 
     config: QuantConfig
     needs_hessian: bool
+    # Files beside config.json that repeat its quantization_config (GPTQModel reads quantize_config.json).
+    config_files: tuple[str, ...]
+
+    def __init__(self, config: QuantConfig) -> None: ...
+
+    @staticmethod
+    def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:
+        """The settings a config.json ``quantization_config`` entry this method writes describes; None
+        when the entry is another method's. Malformed fields raise KeyError, TypeError or ValueError."""
+        ...
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         """``weight`` float ``[out, in]``; ``hessian`` float32 ``[in, in]`` (None unless needs_hessian)."""
@@ -178,6 +188,22 @@ class Method(Protocol):
     def quantization_config(self) -> dict[str, Any]:
         """The ``quantization_config`` entry of config.json for a model stored this way."""
         ...
+
+
+def entry_int(entry: Mapping[str, Any], key: str, default: int | None = None) -> int:
+    """An integer field of a quantization_config entry (ValueError unless an int, bool excluded)."""
+    v = entry[key] if default is None else entry.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{key} must be an integer, got {v!r}")
+    return v
+
+
+def entry_bool(entry: Mapping[str, Any], key: str, default: bool) -> bool:
+    """A true/false field of a quantization_config entry (ValueError unless a bool)."""
+    v = entry.get(key, default)
+    if not isinstance(v, bool):
+        raise ValueError(f"{key} must be true or false, got {v!r}")
+    return v
 
 
 def check_weight(weight: torch.Tensor, config: QuantConfig) -> tuple[int, int]:

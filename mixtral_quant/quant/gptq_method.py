@@ -18,7 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixtral_quant.quant.base import ROW_BAND, QuantConfig, QuantResult, check_weight
+from mixtral_quant.errors import ConfigError
+from mixtral_quant.quant.base import (
+    ROW_BAND,
+    MethodName,
+    QuantConfig,
+    QuantResult,
+    check_weight,
+    entry_bool,
+    entry_int,
+)
 from mixtral_quant.quant.gptq import (
     HessianNotPositiveDefinite,
     QuantizedWeight,
@@ -98,8 +107,28 @@ class GPTQLayout:
     at a time, so it is also ``quantize_widened``; ``dequantize_rows`` reads back a band, so the
     calibration driver's error check never holds a whole float32 weight either."""
 
+    config_files: tuple[str, ...] = ("quantize_config.json",)
+
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+
+    @staticmethod
+    def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:
+        """GPTQModel's keys, format ``gptq`` (v1 zeros) only; an RTN artifact reads back as GPTQ (one
+        layout, and loading needs no Hessian)."""
+        if entry.get("quant_method") != "gptq":
+            return None
+        if entry.get("format", "gptq") not in ("gptq", None) or entry.get("checkpoint_format", "gptq") != "gptq":
+            raise ConfigError(f"GPTQ format {entry.get('format')!r} is not supported; only 'gptq' (v1 zeros) is")
+        return QuantConfig(
+            MethodName.GPTQ,
+            bits=entry_int(entry, "bits"),
+            group_size=entry_int(entry, "group_size", 128),
+            sym=entry_bool(entry, "sym", True),
+            act_order=entry_bool(entry, "desc_act", False),
+            static_groups=entry_bool(entry, "static_groups", True),
+            damp_percent=float(entry.get("damp_percent", 0.01)),
+        )
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return dequantize_checkpoint(tensors, self.config.bits)

@@ -21,7 +21,7 @@ import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
-from mixtral_quant.quant.base import QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.base import MethodName, QuantConfig, QuantResult, check_weight
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
 from mixtral_quant.quant.nf4 import bitsandbytes_config
 
@@ -35,9 +35,17 @@ class INT8:
     """bitsandbytes LLM.int8(); runtime module is ``bnb.nn.Linear8bitLt`` (inference mode)."""
 
     needs_hessian = False
+    config_files: tuple[str, ...] = ()
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+
+    @staticmethod
+    def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:
+        """transformers' ``BitsAndBytesConfig`` with ``load_in_8bit``."""
+        if entry.get("quant_method") != "bitsandbytes" or entry.get("load_in_4bit") or not entry.get("load_in_8bit"):
+            return None
+        return QuantConfig.for_method(MethodName.INT8)
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         check_weight(weight, self.config)
@@ -82,9 +90,16 @@ class W8:
     """Weight-only symmetric int8 with one fp16 scale per output channel."""
 
     needs_hessian = False
+    config_files: tuple[str, ...] = ()
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+
+    @staticmethod
+    def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:
+        if entry.get("quant_method") != "mixtral-quant" or entry.get("format") != "w8":
+            return None
+        return QuantConfig.for_method(MethodName.W8)
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         check_weight(weight, self.config)

@@ -18,8 +18,8 @@ import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
-from mixtral_quant.errors import CheckpointError
-from mixtral_quant.quant.base import ROW_BAND, QuantConfig, QuantResult, check_weight
+from mixtral_quant.errors import CheckpointError, ConfigError
+from mixtral_quant.quant.base import ROW_BAND, MethodName, QuantConfig, QuantResult, check_weight
 from mixtral_quant.quant.modules import require_tensors
 
 _STATE_KEYS = ["weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"]
@@ -54,9 +54,19 @@ class NF4:
     """bitsandbytes NF4; runtime module is ``bnb.nn.Linear4bit`` (CPU and CUDA kernels)."""
 
     needs_hessian = False
+    config_files: tuple[str, ...] = ()
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+
+    @staticmethod
+    def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:
+        """transformers' ``BitsAndBytesConfig`` with ``load_in_4bit`` (NF4 only, not FP4)."""
+        if entry.get("quant_method") != "bitsandbytes" or not entry.get("load_in_4bit"):
+            return None
+        if entry.get("bnb_4bit_quant_type", "nf4") != "nf4":
+            raise ConfigError(f"bitsandbytes 4-bit type {entry.get('bnb_4bit_quant_type')!r} is not supported")
+        return QuantConfig(MethodName.NF4, bits=4, double_quant=bool(entry.get("bnb_4bit_use_double_quant", False)))
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         check_weight(weight, self.config)

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from mixtral_quant.quant.base import Q4_K_SUB_BLOCK, QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.base import (
+    Q4_K_SUB_BLOCK,
+    MethodName,
+    QuantConfig,
+    QuantResult,
+    check_weight,
+    entry_bool,
+    entry_int,
+)
 from mixtral_quant.quant.gptq import AffineGrid, HessianNotPositiveDefinite, gptq_quantize_stacked
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
 from mixtral_quant.quant.q4_k import Q4_K_BYTES, QK_K, dequantize_q4_k, pack_q4_k, q4_k_grid
@@ -33,9 +41,18 @@ class GPTQQ4K:
     """GPTQ under llama.cpp's Q4_K constraints; llama.cpp's round-to-nearest Q4_K as its fallback."""
 
     needs_hessian = True
+    config_files: tuple[str, ...] = ()
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+
+    @staticmethod
+    def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:
+        if entry.get("quant_method") != "mixtral-quant" or entry.get("format") != "gguf-q4_k":
+            return None
+        return QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=entry_int(entry, "group_size", 32),
+                           act_order=entry_bool(entry, "desc_act", False),
+                           damp_percent=float(entry.get("damp_percent", 0.01)))
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         return self.quantize_stacked([weight], hessian)[0]
