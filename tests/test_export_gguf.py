@@ -14,7 +14,7 @@ from conftest import SMALL_MISTRAL, save_model
 from test_bad_input import assert_one_line_error, run_cli
 
 from mixtral_quant.checkpoint import DEFAULT_MODEL, load_config
-from mixtral_quant.export.common import BlockQuant, open_variant, read_linear
+from mixtral_quant.export.common import open_variant, read_linear
 from mixtral_quant.export.gguf import GGUFOptions, GGUFType, export_gguf, manifest_path, verify_gguf
 from mixtral_quant.export.gguf_blocks import (
     Q6_K_BYTES,
@@ -28,6 +28,7 @@ from mixtral_quant.export.gguf_blocks import (
 from mixtral_quant.export.gguf_read import gguf_to_folder, gguf_weights
 from mixtral_quant.loading import load_model
 from mixtral_quant.pipeline import quantize_model
+from mixtral_quant.quant.block_form import BlockQuant
 from mixtral_quant.recipe import load_recipe
 from mixtral_quant.tokenizer import Tokenizer
 

@@ -3,11 +3,10 @@
 A quantized linear is read once from the artifact (its stored tensors, Hub names) and offered in
 the forms the graphs consume, each exact against ``get_method(cfg).dequantize(tensors)``:
 
-- :class:`BlockQuant`: ``W[n, k] = (codes[n, k] - zero[n, g]) * scale[n, g]``, groups of ``block``
-  along K (``block`` None: one group per output row). GPTQ/RTN 4- and 8-bit with ``g_idx == k //
-  group`` and zeros in range; LLM.int8 (zero 128, scale SCB/127) and W8 (zero 128, weight_scale).
-  :func:`block_choices` lists the block sizes that write the same grid (a group split into
-  power-of-two blocks sharing its scale), :meth:`BlockQuant.at` re-blocks it.
+- :class:`~mixtral_quant.quant.block_form.BlockQuant`: ``W[n, k] = (codes[n, k] - zero[n, g]) *
+  scale[n, g]``, groups of ``block`` along K, as the method's own ``block_form`` gives it (GPTQ/RTN
+  4- and 8-bit with contiguous groups, LLM.int8, W8; none for NF4 and Q4_K, whose grids are not
+  integer codes times a scale less an integer zero). :meth:`BlockQuant.at` re-blocks it.
 - :class:`Bnb4`: bitsandbytes NF4/FP4 codes as stored plus the (de-nested) absmax per block.
 - the dequantized float weight, always available (the standard target and every fallback).
 """
@@ -31,7 +30,7 @@ from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import CheckpointError
 from mixtral_quant.export.graph import GraphBuilder
 from mixtral_quant.quant import MethodName, QuantConfig, get_method, read_quantization_config
-from mixtral_quant.quant.packing import unpack_qweight, unpack_qzeros
+from mixtral_quant.quant.block_form import BlockQuant, GridSignature
 from mixtral_quant.stored_linear import quantized_tensors
 
 
@@ -125,24 +124,6 @@ def read_linear(
     return LinearWeights(prefix, out_features, in_features, None, {"weight": reader.get(f"{prefix}.weight")})
 
 
-MAX_ROW_BLOCK = 128  # the largest block a row with one scale is cut into (MatMulNBits always needs blocks)
-
-
-def block_choices(block: int | None, in_features: int) -> frozenset[int | None]:
-    """The block sizes that write a grid of one scale per ``block`` inputs (None: per row) exactly.
-
-    A group splits into power-of-two blocks >= 16 that share its scale and zero (QMoE and
-    MatMulNBits take such block sizes); a row with one scale also stays one scale per row (None,
-    QMoE only), or splits into blocks of up to :data:`MAX_ROW_BLOCK`.
-    """
-    group = in_features if block is None else block
-    limit = MAX_ROW_BLOCK if block is None else group
-    sizes: set[int | None] = {b for b in (2**e for e in range(4, limit.bit_length())) if group % b == 0}
-    if block is None:
-        sizes.add(None)
-    return frozenset(sizes)
-
-
 def matmul_block(choices: frozenset[int | None]) -> int | None:
     """The block MatMulNBits takes among ``choices``: the largest; None when none is a size."""
     return max((b for b in choices if b is not None), default=None)
@@ -158,32 +139,6 @@ def shared_block(choices: list[frozenset[int | None]]) -> tuple[bool, int | None
 
 
 @dataclass
-class BlockQuant:
-    """``W[n, k] = (codes[n, k] - zeros[n, k // block]) * scales[n, k // block]``."""
-
-    codes: np.ndarray  # uint8 [N, K]
-    scales: np.ndarray  # float32 [N, G]
-    zeros: np.ndarray | None  # uint8 [N, G]; None: the default 2**(bits-1)
-    bits: int
-    block: int | None  # inputs per scale as stored; None: one group per row (G == 1)
-
-    @property
-    def choices(self) -> frozenset[int | None]:
-        return block_choices(self.block, self.codes.shape[1])
-
-    def at(self, block: int | None) -> BlockQuant:
-        """The same weights in blocks of ``block`` (one of :attr:`choices`), each group's scale and
-        zero repeated over the blocks it splits into."""
-        if block == self.block:
-            return self
-        if block not in self.choices or block is None:
-            raise ValueError(f"blocks of {block} cannot express a grid of {self.block} (choices {self.choices})")
-        rep = (self.block or self.codes.shape[1]) // block
-        zeros = None if self.zeros is None else np.repeat(self.zeros, rep, axis=1)
-        return BlockQuant(self.codes, np.repeat(self.scales, rep, axis=1), zeros, self.bits, block)
-
-
-@dataclass
 class Bnb4:
     codes: np.ndarray  # uint8 [N*K/2], as bitsandbytes stores them (row-major [N, K], 2 per byte)
     absmax: np.ndarray  # float32 [N*K/block]
@@ -191,73 +146,17 @@ class Bnb4:
     quant_type: int  # MatMulBnb4: 0 FP4, 1 NF4
 
 
-def _gptq_grid(lin: LinearWeights) -> tuple[int | None, torch.Tensor, torch.Tensor | None] | None:
-    """(block, scales [N, G], zeros [N, G] or None for the default) of a GPTQ linear, as stored
-    (block None: one group per row).
-
-    Reads only ``scales``, ``g_idx`` and ``qzeros``. None when the grid has no block form: act-order
-    groups that are not contiguous runs of K, a v1 zero of 0 wrapped to ``2**bits``, or a width
-    other than 4 or 8 bits.
-    """
-    q, t = lin.quant, lin.tensors
-    if q is None or q.bits not in (4, 8):
-        return None
-    k = lin.in_features
-    groups = t["scales"].shape[0]
-    if groups == 0 or k % groups:
-        return None
-    group = k // groups
-    if not torch.equal(t["g_idx"].long(), torch.arange(k) // group):
-        return None
-    zeros = unpack_qzeros(t["qzeros"], q.bits).long() + 1  # [G, N], gptq v1 stores zero - 1
-    if int(zeros.min()) < 0 or int(zeros.max()) >= 2**q.bits:
-        return None
-    scales, zero_t = t["scales"].float().t().contiguous(), zeros.t().contiguous()
-    default = bool((zero_t == 2 ** (q.bits - 1)).all())
-    return (group if groups > 1 else None), scales, None if default else zero_t
-
-
-# Grids that are not integer codes times a scale less an integer zero (NF4's table; Q4_K's float minimums)
-NO_BLOCK_FORM = frozenset({MethodName.NF4, MethodName.GPTQ_Q4_K})
-
-
-@dataclass(frozen=True)
-class GridSignature:
-    """What :func:`block_quant`'s form of a linear allows, read without its codes."""
-
-    bits: int
-    choices: frozenset[int | None]  # block sizes that express it exactly (None: one scale per row)
-    has_zeros: bool
-
-
 def block_signature(lin: LinearWeights) -> GridSignature | None:
-    """The signature of :func:`block_quant`'s form; GPTQ needs no ``qweight`` for it."""
-    q = lin.quant
-    if q is None or q.method in NO_BLOCK_FORM:
-        return None
-    if q.method in (MethodName.INT8, MethodName.W8):
-        return GridSignature(8, block_choices(None, lin.in_features), False)
-    grid = _gptq_grid(lin)
-    return None if grid is None else GridSignature(q.bits, block_choices(grid[0], lin.in_features), grid[2] is not None)
+    """The signature of :func:`block_quant`'s form, read without the codes; None when it has none."""
+    form = getattr(get_method(lin.quant), "block_signature", None) if lin.quant is not None else None
+    return None if form is None else form(lin.tensors, lin.in_features)
 
 
 def block_quant(lin: LinearWeights) -> BlockQuant | None:
-    """The linear as integer codes with scales and zeros on its stored grid, exactly; None when it
-    has no such form. :meth:`BlockQuant.at` re-blocks it."""
-    q = lin.quant
-    if q is None or q.method in NO_BLOCK_FORM:
-        return None
-    t = lin.tensors
-    if q.method in (MethodName.INT8, MethodName.W8):
-        codes = (t["weight"].to(torch.int16) + 128).to(torch.uint8).numpy()
-        scale = t["SCB"].float() / 127.0 if q.method is MethodName.INT8 else t["weight_scale"].float()
-        return BlockQuant(codes, scale[:, None].numpy(), None, 8, None)
-    grid = _gptq_grid(lin)
-    if grid is None:
-        return None
-    block, scales, zeros = grid
-    codes = unpack_qweight(t["qweight"], q.bits).t().contiguous().to(torch.uint8).numpy()
-    return BlockQuant(codes, scales.numpy(), None if zeros is None else zeros.to(torch.uint8).numpy(), q.bits, block)
+    """The linear as integer codes with scales and zeros on its stored grid, exactly (the method's
+    ``block_form``); None when it has no such form. :meth:`BlockQuant.at` re-blocks it."""
+    form = getattr(get_method(lin.quant), "block_form", None) if lin.quant is not None else None
+    return None if form is None else form(lin.tensors, lin.in_features)
 
 
 def bnb4(lin: LinearWeights) -> Bnb4 | None:

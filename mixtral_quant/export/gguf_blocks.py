@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mixtral_quant.export.common import BlockQuant
+from mixtral_quant.quant.block_form import BlockQuant
 
 QK = 32  # inputs per Q4_0 / Q8_0 block
 Q4_0_BYTES = 2 + QK // 2

@@ -35,7 +35,6 @@ from onnx import TensorProto
 
 from mixtral_quant.config import MixtralConfig
 from mixtral_quant.export.common import (
-    BlockQuant,
     ExportContext,
     LinearWeights,
     Signals,
@@ -51,6 +50,7 @@ from mixtral_quant.export.common import (
 )
 from mixtral_quant.export.graph import GraphBuilder
 from mixtral_quant.quant import MethodName
+from mixtral_quant.quant.block_form import BlockQuant
 from mixtral_quant.quant.packing import pack_uint4_low_first
 
 

@@ -154,7 +154,13 @@ class Method(Protocol):
     has ``quantize_widened(weight, hessian)`` (the result of ``quantize(weight.float(), hessian)``
     without a whole float32 copy) is given the weight as stored, and one that has
     ``dequantize_rows(tensors, start, stop)`` (rows of :meth:`dequantize`) has its error measured a
-    band at a time."""
+    band at a time.
+
+    A method whose stored grid is integer codes times a scale less an integer zero per block of inputs
+    says so with ``block_form(tensors, in_features)`` (a :class:`~mixtral_quant.quant.block_form.BlockQuant`
+    equal to :meth:`dequantize`, or None for a linear whose grid has no such form) and
+    ``block_signature(tensors, in_features)`` (its width and block sizes, read without the codes): the
+    exporters then write its codes as they are (MatMulNBits, QMoE, GGUF Q4_0/Q8_0)."""
 
     config: QuantConfig
     needs_hessian: bool

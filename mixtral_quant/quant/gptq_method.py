@@ -28,6 +28,7 @@ from mixtral_quant.quant.base import (
     entry_bool,
     entry_int,
 )
+from mixtral_quant.quant.block_form import BlockQuant, GridSignature, block_choices
 from mixtral_quant.quant.gptq import (
     HessianNotPositiveDefinite,
     QuantizedWeight,
@@ -132,6 +133,43 @@ class GPTQLayout:
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return dequantize_checkpoint(tensors, self.config.bits)
+
+    def block_signature(self, tensors: Mapping[str, torch.Tensor], in_features: int) -> GridSignature | None:
+        """The block form's width, block sizes and zeros, read without ``qweight``."""
+        grid = self._grid(tensors, in_features)
+        if grid is None:
+            return None
+        return GridSignature(self.config.bits, block_choices(grid[0], in_features), grid[2] is not None)
+
+    def block_form(self, tensors: Mapping[str, torch.Tensor], in_features: int) -> BlockQuant | None:
+        """The codes, scales and zeros on the stored grid (see :meth:`_grid` for when there is none)."""
+        grid = self._grid(tensors, in_features)
+        if grid is None:
+            return None
+        block, scales, zeros = grid
+        bits = self.config.bits
+        codes = unpack_qweight(tensors["qweight"], bits).t().contiguous().to(torch.uint8).numpy()
+        return BlockQuant(codes, scales.numpy(), None if zeros is None else zeros.to(torch.uint8).numpy(), bits, block)
+
+    def _grid(self, tensors: Mapping[str, torch.Tensor], k: int
+              ) -> tuple[int | None, torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
+        """(block, scales [N, G], zeros [N, G] or None for the default) as stored (block None: one group
+        per row), from ``scales``, ``g_idx`` and ``qzeros`` only. None when the grid has no block form:
+        act-order groups that are not contiguous runs of K, a v1 zero of 0 wrapped to ``2**bits``, or a
+        width other than 4 or 8 bits."""
+        bits = self.config.bits
+        groups = tensors["scales"].shape[0]
+        if bits not in (4, 8) or groups == 0 or k % groups:
+            return None
+        group = k // groups
+        if not torch.equal(tensors["g_idx"].long(), torch.arange(k) // group):
+            return None
+        zeros = unpack_qzeros(tensors["qzeros"], bits).long() + 1  # [G, N], gptq v1 stores zero - 1
+        if int(zeros.min()) < 0 or int(zeros.max()) >= 2**bits:
+            return None
+        scales, zero_t = tensors["scales"].float().t().contiguous(), zeros.t().contiguous()
+        default = bool((zero_t == 2 ** (bits - 1)).all())
+        return (group if groups > 1 else None), scales, None if default else zero_t
 
     def dequantize_rows(self, tensors: Mapping[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
         return dequantize_rows(tensors, self.config.bits, start, stop)

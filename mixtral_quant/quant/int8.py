@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mixtral_quant.quant.base import MethodName, QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.block_form import BlockQuant, GridSignature, block_choices
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
 from mixtral_quant.quant.nf4 import bitsandbytes_config
 
@@ -29,6 +30,11 @@ INT8_TENSORS = ["weight", "SCB", "weight_format"]
 W8_TENSORS = ["weight", "weight_scale"]
 ROW_FORMAT = 0  # bitsandbytes LINEAR_8BIT_WEIGHTS_FORMAT_MAPPING["row"]
 _MIN_SCALE = float(torch.finfo(torch.float16).tiny)
+
+
+def row_form(codes: torch.Tensor, scale: torch.Tensor) -> BlockQuant:
+    """int8 codes with one scale per row as the block form's unsigned codes, zero 128."""
+    return BlockQuant((codes.to(torch.int16) + 128).to(torch.uint8).numpy(), scale[:, None].numpy(), None, 8, None)
 
 
 class INT8:
@@ -60,6 +66,13 @@ class INT8:
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return tensors["weight"].to(torch.float32) * (tensors["SCB"].to(torch.float32)[:, None] / 127.0)
+
+    def block_signature(self, tensors: Mapping[str, torch.Tensor], in_features: int) -> GridSignature:
+        return GridSignature(8, block_choices(None, in_features), False)
+
+    def block_form(self, tensors: Mapping[str, torch.Tensor], in_features: int) -> BlockQuant:
+        """Codes + 128 (the default zero of 8 bits), one scale ``SCB / 127`` per row."""
+        return row_form(tensors["weight"], tensors["SCB"].float() / 127.0)
 
     def tensor_names(self) -> list[str]:
         return list(INT8_TENSORS)
@@ -111,6 +124,13 @@ class W8:
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return tensors["weight"].to(torch.float32) * tensors["weight_scale"].to(torch.float32)[:, None]
+
+    def block_signature(self, tensors: Mapping[str, torch.Tensor], in_features: int) -> GridSignature:
+        return GridSignature(8, block_choices(None, in_features), False)
+
+    def block_form(self, tensors: Mapping[str, torch.Tensor], in_features: int) -> BlockQuant:
+        """Codes + 128 (the default zero of 8 bits), one scale ``weight_scale`` per row."""
+        return row_form(tensors["weight"], tensors["weight_scale"].float())
 
     def tensor_names(self) -> list[str]:
         return list(W8_TENSORS)
