@@ -31,6 +31,15 @@ class HessianNotPositiveDefinite(MixtralQuantError):
     """Cholesky of the damped Hessian failed at every damping tried."""
 
 
+def unusable_hessian(hessian: torch.Tensor | None) -> str | None:
+    """Why GPTQ cannot use ``hessian`` before trying it (the reason its fallback records), or None."""
+    if hessian is None:
+        return "no Hessian"
+    if not bool(hessian.diagonal().any()):
+        return "empty Hessian (no nonzero input seen)"
+    return None
+
+
 class HessianAccumulator:
     """Running ``H = 2/n * sum_t x_t x_t^T`` over calibration tokens, in float32.
 

@@ -36,6 +36,7 @@ from mixtral_quant.quant.gptq import (
     grouped_dequantize,
     rtn_quantize,
     trivial_group_size,
+    unusable_hessian,
 )
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
 from mixtral_quant.quant.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
@@ -250,10 +251,9 @@ class GPTQ(GPTQLayout):
         :meth:`quantize` one by one, with one damped inverse Cholesky and one sweep."""
         for weight in weights:
             check_weight(weight, self.config)
-        if hessian is None:
-            return [self._fallback(w, "no Hessian") for w in weights]
-        if not bool(hessian.diagonal().any()):
-            return [self._fallback(w, "empty Hessian (no nonzero input seen)") for w in weights]
+        reason = unusable_hessian(hessian)
+        if reason is not None or hessian is None:
+            return [self._fallback(w, reason or "no Hessian") for w in weights]
         try:
             qws = gptq_quantize_stacked(weights, hessian, self.config)
         except HessianNotPositiveDefinite as err:

@@ -30,7 +30,7 @@ from mixtral_quant.quant.base import (
     entry_bool,
     entry_int,
 )
-from mixtral_quant.quant.gptq import AffineGrid, HessianNotPositiveDefinite, gptq_quantize_stacked
+from mixtral_quant.quant.gptq import AffineGrid, HessianNotPositiveDefinite, gptq_quantize_stacked, unusable_hessian
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
 from mixtral_quant.quant.q4_k import Q4_K_BYTES, QK_K, dequantize_q4_k, pack_q4_k, q4_k_grid
 
@@ -61,10 +61,9 @@ class GPTQQ4K:
         """Linears sharing one input: one grid per linear, one stacked GPTQ sweep."""
         for weight in weights:
             check_weight(weight, self.config)
-        if hessian is None:
-            return [self._fallback(w, "no Hessian") for w in weights]
-        if not bool(hessian.diagonal().any()):
-            return [self._fallback(w, "empty Hessian (no nonzero input seen)") for w in weights]
+        reason = unusable_hessian(hessian)
+        if reason is not None or hessian is None:
+            return [self._fallback(w, reason or "no Hessian") for w in weights]
         importance = hessian.diagonal().float().cpu().numpy()
         grids = [q4_k_grid(w.float().cpu().numpy(), importance) for w in weights]
         offsets = [g.scale_offset() for g in grids]  # [R, I/32] each
