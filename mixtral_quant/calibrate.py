@@ -30,7 +30,7 @@ from .cache import attention_context
 from .config import MixtralConfig
 from .errors import MixtralQuantError
 from .model import DecoderLayer, Expert
-from .quant import HessianAccumulator, MethodName, get_method
+from .quant import HessianAccumulator, get_method
 from .quant.base import ROW_BAND, Method, QuantResult
 from .recipe import ExpertCalibration, ExpertPolicy, Fallback, Recipe
 from .textfile import read_text
@@ -60,7 +60,7 @@ class HessianSource(str, Enum):
     ALL_TOKENS = "all-tokens"  # every calibration token
 
 
-def expert_sources(tokens_per_expert: list[int], total: int, policy: ExpertCalibration, gptq: bool
+def expert_sources(tokens_per_expert: list[int], total: int, policy: ExpertCalibration, hessians: bool
                    ) -> tuple[dict[int, HessianSource | None], dict[int, str | None]]:
     """Where each expert's Hessian comes from, and why when it is a fallback.
 
@@ -77,7 +77,7 @@ def expert_sources(tokens_per_expert: list[int], total: int, policy: ExpertCalib
             notes[e] = f"{policy.fallback.value}: {n} of {total} tokens < {policy.min_token_share:.2%}"
         else:
             source[e], notes[e] = HessianSource.ROUTED, None
-    if not gptq:
+    if not hessians:
         source = dict.fromkeys(source)
     return source, notes
 
@@ -110,7 +110,6 @@ class LayerQuantizer:
         self.layer, self.cfg, self.recipe, self.device, self.chunk = layer, cfg, recipe, device, chunk
         self.hessian_budget = hessian_budget
         self.method: Method = get_method(recipe.quant)
-        self.fallback_method: Method = get_method(_rtn_like(recipe))
         self.tensors: dict[str, torch.Tensor] = {}
         self.report = LayerReport(layer.self_attn.layer_idx)
         self._ctx: dict[int, Any] = {}
@@ -138,13 +137,14 @@ class LayerQuantizer:
     # -- quantizing one linear ----------------------------------------------------------------------
     def quantize(self, names: list[str], hessian: HessianAccumulator | None, fallback: str | None = None) -> None:
         """Quantize linears that share one input (q/k/v, an expert's w1/w3) and install them. GPTQ
-        takes them as one stacked matrix (one Cholesky, one sweep: the same codes as one by one)."""
+        takes them as one stacked matrix (one Cholesky, one sweep: the same codes as one by one).
+        ``fallback``: the expert policy's note for a linear that does not get its own routed tokens'
+        Hessian; with no Hessian at all the method takes its own fallback and the note says why."""
         modules = [self._linear(n) for n in names]
         method = self.method
-        if fallback is not None and self.method.needs_hessian:
-            self.report.fallbacks.update(dict.fromkeys(names, fallback))
-            if hessian is None:
-                method = self.fallback_method
+        note = fallback if fallback is not None and method.needs_hessian else None
+        if note is not None:
+            self.report.fallbacks.update(dict.fromkeys(names, note))
         h = hessian.hessian if hessian is not None else None
         stacked = getattr(method, "quantize_stacked", None)
         if stacked is not None and h is not None and len(names) > 1:
@@ -158,6 +158,8 @@ class LayerQuantizer:
                            else method.quantize(m.weight.data.float()) for m in modules]  # fmt: skip
         for name, module, result in zip(names, modules, results, strict=True):
             self._install(name, module, method, result, h)
+            if note is not None and h is None:  # the policy's reason, not the method's "no Hessian"
+                self.report.fallbacks[name] = note
 
     def _linear(self, name: str) -> nn.Linear:
         module = self.layer.get_submodule(name)
@@ -215,21 +217,21 @@ class LayerQuantizer:
     # -- the layer ----------------------------------------------------------------------------------
     def run(self, h: torch.Tensor) -> torch.Tensor:
         t0 = time.time()
-        gptq = self.recipe.needs_calibration
+        hessians = self.recipe.needs_calibration  # the method declares it needs each input Hessian
         if self.recipe.quantizes("attention"):
-            qkv = self.hessian_of(h, self.layer.input_layernorm) if gptq else None
+            qkv = self.hessian_of(h, self.layer.input_layernorm) if hessians else None
             self.quantize([f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], qkv)
             o = self.layer.self_attn.o_proj
-            acc = self.capture(h, {"o": o}, self.attn_out)["o"] if gptq else None
+            acc = self.capture(h, {"o": o}, self.attn_out)["o"] if hessians else None
             self.quantize(["self_attn.o_proj"], acc)
         # the MLP's inputs, once per stage: attention is final from here on
         mlp_in = torch.cat(self.each_chunk(h, self.mlp_input))
         self.count_tokens(mlp_in)
         if self.recipe.quantizes("experts"):
             if self.layer.block_sparse_moe is not None:
-                self.quantize_experts(mlp_in, gptq)
+                self.quantize_experts(mlp_in, hessians)
             else:
-                self.quantize_dense_mlp(mlp_in, gptq)
+                self.quantize_dense_mlp(mlp_in, hessians)
         del mlp_in
         out = torch.cat(self.each_chunk(h, lambda x: self.layer(x, self.ctx(x.shape[0], x.shape[1]))[0]))
         self.report.seconds = time.time() - t0
@@ -249,7 +251,7 @@ class LayerQuantizer:
         self.each_chunk(mlp_in, count)
         self.report.tokens_per_expert = counts.tolist()
 
-    def quantize_experts(self, h: torch.Tensor, gptq: bool) -> None:
+    def quantize_experts(self, h: torch.Tensor, hessians: bool) -> None:
         """w1/w3 of every expert, then w2 from the quantized w1/w3's outputs; ``h`` is the MoE block's
         input (after the post-attention norm).
 
@@ -260,7 +262,7 @@ class LayerQuantizer:
         assert moe is not None
         experts: list[Expert] = list(moe.experts)  # type: ignore[arg-type]
         source, notes = expert_sources(self.report.tokens_per_expert, h.shape[0] * h.shape[1],
-                                       self.recipe.experts, gptq)
+                                       self.recipe.experts, hessians)
 
         def run_moe(x: torch.Tensor) -> Any:
             return moe(x)
@@ -294,13 +296,13 @@ class LayerQuantizer:
         group = routed[start : start + per_pass]
         return self.capture(h, {str(k): getattr(experts[k], linear) for k in group}, run)
 
-    def quantize_dense_mlp(self, h: torch.Tensor, gptq: bool) -> None:
+    def quantize_dense_mlp(self, h: torch.Tensor, hessians: bool) -> None:
         """gate/up, then down, of a dense MLP whose input (after the post-attention norm) is ``h``."""
         mlp = self.layer.mlp
         assert mlp is not None
-        acc = self.hessian_of(h, _same) if gptq else None
+        acc = self.hessian_of(h, _same) if hessians else None
         self.quantize(["mlp.gate_proj", "mlp.up_proj"], acc)
-        down = self.capture(h, {"d": mlp.down_proj}, mlp)["d"] if gptq else None
+        down = self.capture(h, {"d": mlp.down_proj}, mlp)["d"] if hessians else None
         self.quantize(["mlp.down_proj"], down)
 
 
@@ -310,12 +312,6 @@ def _same(x: torch.Tensor) -> torch.Tensor:
 
 def _swiglu_hidden(expert: Expert, x: torch.Tensor) -> torch.Tensor:
     return F.silu(expert.w1(x)) * expert.w3(x)
-
-
-def _rtn_like(recipe: Recipe) -> Any:
-    from dataclasses import replace
-
-    return replace(recipe.quant, method=MethodName.RTN) if recipe.quant.method is MethodName.GPTQ else recipe.quant
 
 
 def dequantized_rows(method: Method, tensors: Mapping[str, torch.Tensor]) -> Callable[[int, int], torch.Tensor]:

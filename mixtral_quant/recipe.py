@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from .errors import ConfigError
-from .quant import MethodName, QuantConfig, get_method
+from .quant import QuantConfig, get_method, registered
 
 
 def _calibration_dir() -> Path:
@@ -106,7 +106,7 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         q = {f.name: getattr(self.quant, f.name) for f in fields(self.quant)}
-        q["method"] = self.quant.method.value
+        q["method"] = self.quant.method_name
         q["compute_dtype"] = str(self.quant.compute_dtype).removeprefix("torch.")
         return {
             "name": self.name,
@@ -158,10 +158,9 @@ def parse_recipe(d: dict[str, Any], name: str) -> Recipe:
     q = dict(_take(d.get("quant", {}), {f.name for f in fields(QuantConfig)} - {"compute_dtype"}, "quant", QuantConfig))
     if "method" not in q:
         raise ConfigError(f"recipe {name} has no [quant] method")
-    try:
-        method = MethodName(q.pop("method"))
-    except ValueError:
-        raise ConfigError(f"unknown method in recipe {name}; use one of {[m.value for m in MethodName]}") from None
+    method = q.pop("method")
+    if not isinstance(method, str) or method not in registered():
+        raise ConfigError(f"unknown method {method!r} in recipe {name}; use one of {list(registered())}")
     try:
         quant = QuantConfig.for_method(method, **q)
         cal_fields = {f.name for f in fields(CalibrationData)}

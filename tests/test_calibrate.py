@@ -208,13 +208,13 @@ def test_expert_sources_follow_the_policy(fallback: str) -> None:
 
     counts = [995, 4, 5, 996]
     fb = Fallback(fallback)
-    source, notes = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ROUTED, 0.005, fb), gptq=True)
+    source, notes = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ROUTED, 0.005, fb), hessians=True)
     routed, every = HessianSource.ROUTED, HessianSource.ALL_TOKENS
     assert source == {0: routed, 1: every if fb is Fallback.ALL_TOKENS else None, 2: routed, 3: routed}
     assert notes[1] == f"{fallback}: 4 of 1000 tokens < 0.50%" and notes[0] is notes[2] is notes[3] is None
-    all_tokens, _ = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ALL_TOKENS, 0.005, fb), gptq=True)
+    all_tokens, _ = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ALL_TOKENS, 0.005, fb), hessians=True)
     assert set(all_tokens.values()) == {every}
-    no_hessian, _ = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ROUTED, 0.005, fb), gptq=False)
+    no_hessian, _ = expert_sources(counts, 1000, ExpertCalibration(ExpertPolicy.ROUTED, 0.005, fb), hessians=False)
     assert set(no_hessian.values()) == {None}
 
 

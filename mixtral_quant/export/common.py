@@ -7,7 +7,8 @@ the forms the graphs consume, each exact against ``get_method(cfg).dequantize(te
   scale[n, g]``, groups of ``block`` along K, as the method's own ``block_form`` gives it (GPTQ/RTN
   4- and 8-bit with contiguous groups, LLM.int8, W8; none for NF4 and Q4_K, whose grids are not
   integer codes times a scale less an integer zero). :meth:`BlockQuant.at` re-blocks it.
-- :class:`Bnb4`: bitsandbytes NF4/FP4 codes as stored plus the (de-nested) absmax per block.
+- :class:`~mixtral_quant.quant.block_form.Bnb4`: bitsandbytes NF4 codes as stored plus the (de-nested)
+  absmax per block (NF4's ``bnb4_form``).
 - the dequantized float weight, always available (the standard target and every fallback).
 """
 
@@ -20,7 +21,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import bitsandbytes.functional as bnbf
 import numpy as np
 import torch
 from onnx import TensorProto
@@ -30,7 +30,7 @@ from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import CheckpointError
 from mixtral_quant.export.graph import GraphBuilder
 from mixtral_quant.quant import MethodName, QuantConfig, get_method, read_quantization_config
-from mixtral_quant.quant.block_form import BlockQuant, GridSignature
+from mixtral_quant.quant.block_form import BlockQuant, Bnb4, GridSignature
 from mixtral_quant.stored_linear import quantized_tensors
 
 
@@ -138,39 +138,30 @@ def shared_block(choices: list[frozenset[int | None]]) -> tuple[bool, int | None
     return True, None if None in common else matmul_block(common)
 
 
-@dataclass
-class Bnb4:
-    codes: np.ndarray  # uint8 [N*K/2], as bitsandbytes stores them (row-major [N, K], 2 per byte)
-    absmax: np.ndarray  # float32 [N*K/block]
-    block: int
-    quant_type: int  # MatMulBnb4: 0 FP4, 1 NF4
+def method_form(lin: LinearWeights, name: str) -> Any:
+    """The quantization method's optional form ``name`` (``block_form``, ``bnb4_form``, ``gguf_rows``, ...:
+    see :class:`~mixtral_quant.quant.base.Method`) as a bound method; None for a float linear or a method
+    that has no such form."""
+    return getattr(get_method(lin.quant), name, None) if lin.quant is not None else None
 
 
 def block_signature(lin: LinearWeights) -> GridSignature | None:
     """The signature of :func:`block_quant`'s form, read without the codes; None when it has none."""
-    form = getattr(get_method(lin.quant), "block_signature", None) if lin.quant is not None else None
+    form = method_form(lin, "block_signature")
     return None if form is None else form(lin.tensors, lin.in_features)
 
 
 def block_quant(lin: LinearWeights) -> BlockQuant | None:
     """The linear as integer codes with scales and zeros on its stored grid, exactly (the method's
     ``block_form``); None when it has no such form. :meth:`BlockQuant.at` re-blocks it."""
-    form = getattr(get_method(lin.quant), "block_form", None) if lin.quant is not None else None
+    form = method_form(lin, "block_form")
     return None if form is None else form(lin.tensors, lin.in_features)
 
 
 def bnb4(lin: LinearWeights) -> Bnb4 | None:
-    """An NF4 linear as MatMulBnb4 takes it: the stored codes and the float absmax."""
-    if lin.quant is None or lin.quant.method is not MethodName.NF4:
-        return None
-    state = bnbf.QuantState.from_dict(
-        {k: v for k, v in lin.tensors.items() if k != "weight"}, device=torch.device("cpu")
-    )
-    absmax = state.absmax
-    if state.nested:
-        absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
-    quant_type = {"nf4": 1, "fp4": 0}[state.quant_type]
-    return Bnb4(lin.tensors["weight"].reshape(-1).numpy(), absmax.float().numpy(), int(state.blocksize), quant_type)
+    """The linear as MatMulBnb4 takes it (the method's ``bnb4_form``); None when it has no such form."""
+    form = method_form(lin, "bnb4_form")
+    return None if form is None else form(lin.tensors)
 
 
 def requantize(lin: LinearWeights, bits: int, block: int) -> BlockQuant:

@@ -32,12 +32,18 @@ from mixtral_quant import __version__
 from mixtral_quant.artifact import output_lock, run_errors, sha256_file, write_json
 from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import CheckpointError, IntegrityError, MixtralQuantError
-from mixtral_quant.export.common import ExportContext, ExportDtype, LinearWeights, block_quant, open_variant
+from mixtral_quant.export.common import (
+    ExportContext,
+    ExportDtype,
+    LinearWeights,
+    block_quant,
+    method_form,
+    open_variant,
+)
 from mixtral_quant.export.gguf_blocks import QK_K, gguf_grid, pack_exact, quantize_q6_k, rope_rows
 from mixtral_quant.export.gguf_vocab import add_vocab, read_vocab
 from mixtral_quant.export.mixtral import lm_head_weight, source_identity
 from mixtral_quant.export.record import op_lines
-from mixtral_quant.quant import MethodName
 from mixtral_quant.quant.q4_k import quantize_q4_k
 
 Q = gguf.GGMLQuantizationType
@@ -211,10 +217,11 @@ def _linear(name: str, component: str, layer: int, prefixes: list[str], shape: t
 def _encode_linear(ctx: ExportContext, lin: LinearWeights, qtype: gguf.GGMLQuantizationType,
                    rope_heads: int | None, component: str) -> np.ndarray:
     """A linear as ``qtype``: its own codes when its grid is that block type, else its float weight encoded."""
-    if qtype == Q.Q4_K and lin.quant is not None and lin.quant.method is MethodName.GPTQ_Q4_K:
-        ctx.note(component, "Q4_K (exact)")
-        rows = lin.tensors["q4_k"].numpy()
-        return rope_rows(rows, rope_heads) if rope_heads is not None else rows
+    own = method_form(lin, "gguf_rows")
+    stored = own(lin.tensors) if own is not None else None
+    if stored is not None and stored[0] == qtype.name:  # a method that stores a GGML block type itself
+        ctx.note(component, f"{qtype.name} (exact)")
+        return rope_rows(stored[1], rope_heads) if rope_heads is not None else stored[1]
     bits = {Q.Q4_0: 4, Q.Q8_0: 8}.get(qtype)
     form = gguf_grid(block_quant(lin), bits) if bits is not None else None
     if form is not None:
@@ -372,7 +379,7 @@ def _record(ctx: ExportContext, opts: GGUFOptions, variant: Path, identity: dict
         "tool_version": __version__,
         "source_model": variant.name,
         "source_files": identity,
-        "quantization": None if q is None else q.method.value,
+        "quantization": None if q is None else q.method_name,
         "bits": None if q is None else q.bits,
         "types": {"linear": opts.linear.value, "attention_kv": opts.kv_type(cfg, q is None).value,
                   "embedding": opts.embedding_type.value, "output": opts.output_type(cfg.hidden_size).value},

@@ -27,7 +27,7 @@ def export_info(ctx: ExportContext, variant: Path, target: Target) -> dict[str, 
         "model_type": cfg.model_type,
         "target": target.value,
         "dtype": ctx.dtype.value,
-        "quantization": None if ctx.quant is None else ctx.quant.method.value,
+        "quantization": None if ctx.quant is None else ctx.quant.method_name,
         "bits": None if ctx.quant is None else ctx.quant.bits,
         "nf4_experts": ctx.nf4_experts.value,
         # GroupQueryAttention writes into onnxruntime-genai's shared max-length KV buffer; Concat cannot

@@ -1,8 +1,9 @@
 """Quantization methods, "data in, data out": one float weight in, the stored tensors out.
 
 Every method follows the :class:`Method` protocol (quantize, dequantize, tensor_names,
-make_module, quantization_config) and is found through :data:`METHODS`, a registry keyed by
-:class:`MethodName`. Adding a method is one module and one registry line.
+make_module, quantization_config and reading it back, the widths it stores, its block form for the
+exporters) and is found by its name in the registry. Adding a method is one module and one
+:func:`register` call: recipes, loading, evaluation and both exporters then take it.
 
     method = get_method(QuantConfig(MethodName.GPTQ, bits=4, group_size=128))
     result = method.quantize(weight, hessian)  # result.tensors: {"qweight": ..., ...}
@@ -16,26 +17,24 @@ from collections.abc import Mapping
 from typing import Any
 
 from mixtral_quant.errors import ConfigError
-from mixtral_quant.quant.base import Method, MethodName, QuantConfig, QuantResult
+from mixtral_quant.quant.base import Method, MethodName, QuantConfig, QuantResult, method_class, register, registered
 from mixtral_quant.quant.gptq import HessianAccumulator, HessianNotPositiveDefinite
 from mixtral_quant.quant.gptq_method import GPTQ, RTN
 from mixtral_quant.quant.int8 import INT8, W8
 from mixtral_quant.quant.nf4 import NF4
 from mixtral_quant.quant.q4_k_method import GPTQQ4K
 
-METHODS: dict[MethodName, type[Method]] = {
-    MethodName.NF4: NF4,
-    MethodName.INT8: INT8,
-    MethodName.W8: W8,
-    MethodName.GPTQ: GPTQ,
-    MethodName.RTN: RTN,
-    MethodName.GPTQ_Q4_K: GPTQQ4K,
-}
+register(MethodName.NF4, NF4)
+register(MethodName.INT8, INT8)
+register(MethodName.W8, W8)
+register(MethodName.GPTQ, GPTQ)
+register(MethodName.RTN, RTN)
+register(MethodName.GPTQ_Q4_K, GPTQQ4K)
 
 
 def get_method(config: QuantConfig) -> Method:
     """The method ``config.method`` names, set up with ``config``."""
-    return METHODS[config.method](config)
+    return method_class(config.method_name)(config)
 
 
 def read_quantization_config(entry: Mapping[str, Any]) -> QuantConfig:
@@ -44,7 +43,7 @@ def read_quantization_config(entry: Mapping[str, Any]) -> QuantConfig:
     if not isinstance(entry, Mapping):
         raise ConfigError(f"quantization_config must be a table of settings, got {entry!r}")
     try:
-        for method in METHODS.values():
+        for method in registered().values():
             config = method.read_config(entry)
             if config is not None:
                 return config
@@ -56,7 +55,6 @@ def read_quantization_config(entry: Mapping[str, Any]) -> QuantConfig:
 
 
 __all__ = [
-    "METHODS",
     "HessianAccumulator",
     "HessianNotPositiveDefinite",
     "Method",
@@ -65,4 +63,6 @@ __all__ = [
     "QuantResult",
     "get_method",
     "read_quantization_config",
+    "register",
+    "registered",
 ]

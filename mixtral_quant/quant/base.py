@@ -1,9 +1,10 @@
-"""What every quantization method shares: its name, its settings, its output, its protocol.
+"""What every quantization method shares: its name, its settings, its output, its protocol, the registry.
 
 A method is "data in, data out": it takes one float weight ``[out, in]`` (and, for GPTQ, the
 layer's input Hessian ``[in, in]``) and returns the tensors stored for that linear layer on disk,
 named relative to the module prefix. It knows nothing about files, models or calibration loops.
-The registry that maps a :class:`MethodName` to its class lives in ``mixtral_quant.quant``.
+A method is known by the name it is registered under (:func:`register`; the built-in ones in
+``mixtral_quant.quant``, one line each): recipes, settings and loading find it there.
 """
 
 from __future__ import annotations
@@ -28,30 +29,31 @@ class MethodName(str, Enum):
     GPTQ_Q4_K = "gptq-q4_k"  # GPTQ onto llama.cpp's Q4_K grid, stored as its block_q4_K bytes
 
 
-GPTQ_LAYOUT_METHODS = frozenset({MethodName.GPTQ, MethodName.RTN})
+_REGISTRY: dict[str, type[Method]] = {}
 
-# Bit widths each method can store.
-ALLOWED_BITS: dict[MethodName, frozenset[int]] = {
-    MethodName.GPTQ: frozenset({2, 3, 4, 8}),
-    MethodName.RTN: frozenset({2, 3, 4, 8}),
-    MethodName.NF4: frozenset({4}),
-    MethodName.INT8: frozenset({8}),
-    MethodName.W8: frozenset({8}),
-    MethodName.GPTQ_Q4_K: frozenset({4}),
-}
-NATIVE_BITS: dict[MethodName, int] = {
-    MethodName.GPTQ: 4,
-    MethodName.RTN: 4,
-    MethodName.NF4: 4,
-    MethodName.INT8: 8,
-    MethodName.W8: 8,
-    MethodName.GPTQ_Q4_K: 4,
-}
+
+def register(name: str, method: type[Method]) -> None:
+    """Make ``method`` the method called ``name`` (a recipe's ``[quant] method``, ``QuantConfig.method``)."""
+    _REGISTRY[name.value if isinstance(name, MethodName) else name] = method
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered as ``name``; ConfigError naming the registered ones when there is none."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ConfigError(f"unknown method {name!r}: choose one of {', '.join(_REGISTRY)}") from None
+
+
+def registered() -> dict[str, type[Method]]:
+    """Every registered method by name, in registration order."""
+    return dict(_REGISTRY)
+
+
 NF4_BLOCKSIZES = frozenset({32, 64, 128, 256, 512, 1024, 2048, 4096})
 GROUP_QUANTUM = 32  # group sizes are multiples of this (whole 3-bit packing runs)
 # Codes per packing run (see packing.LAYOUTS): the packed dimension must be a multiple.
 PACK_RUN = {2: 16, 3: 32, 4: 8, 8: 4}
-Q4_K_SUPER_BLOCK, Q4_K_SUB_BLOCK = 256, 32  # llama.cpp's Q4_K: inputs per super-block and per scale
 ROW_BAND = 1024  # rows widened to float32 at a time by banded quantize, dequantize, error check (x 32)
 
 
@@ -66,7 +68,7 @@ class QuantConfig:
     failed Cholesky multiplies it by 10, up to ``MAX_DAMP_RETRIES`` times.
     """
 
-    method: MethodName
+    method: MethodName | str  # a MethodName for the built-in methods, the registered name otherwise
     bits: int = 4
     group_size: int = 128  # -1: one group spanning the whole input row
     sym: bool = True
@@ -82,17 +84,12 @@ class QuantConfig:
     int8_threshold: float = 6.0  # LLM.int8() activation outlier threshold
 
     def __post_init__(self) -> None:
-        if not isinstance(self.method, MethodName):
-            choices = ", ".join(m.value for m in MethodName)
-            try:
-                object.__setattr__(self, "method", MethodName(self.method))
-            except ValueError:
-                raise ConfigError(f"unknown method {self.method!r}: choose one of {choices}") from None
-        allowed = ALLOWED_BITS[self.method]
-        if self.bits not in allowed:
-            raise ConfigError(
-                f"{self.method.value} cannot store {self.bits}-bit weights: bits must be one of {sorted(allowed)}"
-            )
+        method = method_class(self.method_name)
+        if self.method_name in MethodName._value2member_map_:
+            object.__setattr__(self, "method", MethodName(self.method_name))
+        if self.bits not in method.allowed_bits:
+            raise ConfigError(f"{self.method_name} cannot store {self.bits}-bit weights: bits must be one of "
+                              f"{sorted(method.allowed_bits)}")
         if self.group_size != -1 and (self.group_size <= 0 or self.group_size % GROUP_QUANTUM):
             raise ConfigError(
                 f"group_size {self.group_size} is invalid: use -1 or a positive multiple of {GROUP_QUANTUM}"
@@ -105,16 +102,22 @@ class QuantConfig:
             raise ConfigError(f"nf4_blocksize {self.nf4_blocksize} is invalid: use one of {sorted(NF4_BLOCKSIZES)}")
         if self.compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ConfigError(f"compute_dtype {self.compute_dtype} is invalid: use float16, bfloat16 or float32")
-        if self.method is MethodName.GPTQ_Q4_K and self.group_size != Q4_K_SUB_BLOCK:
-            raise ConfigError(f"{self.method.value} has one scale per {Q4_K_SUB_BLOCK} inputs: set group_size "
-                              f"{Q4_K_SUB_BLOCK}, not {self.group_size}")
         if self.int8_threshold < 0.0:
             raise ConfigError(f"int8_threshold {self.int8_threshold} is invalid: it must be >= 0")
+        check = getattr(method, "check_config", None)
+        if check is not None:
+            check(self)
+
+    @property
+    def method_name(self) -> str:
+        """The name the method is registered under (``"gptq"``, ...)."""
+        return self.method.value if isinstance(self.method, MethodName) else str(self.method)
 
     @classmethod
-    def for_method(cls, method: MethodName, **overrides: Any) -> QuantConfig:
+    def for_method(cls, method: MethodName | str, **overrides: Any) -> QuantConfig:
         """A config with the method's native bit width (8 for int8/w8, 4 otherwise) unless overridden."""
-        overrides.setdefault("bits", NATIVE_BITS[MethodName(method)])
+        name = method.value if isinstance(method, MethodName) else method
+        overrides.setdefault("bits", method_class(name).native_bits)
         return cls(method=method, **overrides)
 
     def group_size_for(self, in_features: int) -> int:
@@ -125,18 +128,9 @@ class QuantConfig:
         """ConfigError when a ``[out_features, in_features]`` weight cannot be stored this way."""
         if in_features <= 0 or out_features <= 0:
             raise ConfigError(f"cannot quantize a weight of shape [{out_features}, {in_features}]")
-        if self.method is MethodName.GPTQ_Q4_K and in_features % Q4_K_SUPER_BLOCK:
-            raise ConfigError(f"{self.method.value} needs in_features a multiple of {Q4_K_SUPER_BLOCK}, "
-                              f"got {in_features}: use another method for this model")
-        if self.method not in GPTQ_LAYOUT_METHODS:
-            return
-        group = self.group_size_for(in_features)
-        if in_features % group:
-            raise ConfigError(f"group_size {group} does not divide in_features {in_features}: pick a divisor or -1")
-        run = PACK_RUN[self.bits]
-        for name, size in (("in_features", in_features), ("out_features", out_features)):
-            if size % run:
-                raise ConfigError(f"{name} {size} cannot be packed at {self.bits} bits: it must be a multiple of {run}")
+        check = getattr(method_class(self.method_name), "check_shape", None)
+        if check is not None:
+            check(self, in_features, out_features)
 
 
 @dataclass
@@ -156,14 +150,23 @@ class Method(Protocol):
     ``dequantize_rows(tensors, start, stop)`` (rows of :meth:`dequantize`) has its error measured a
     band at a time.
 
+    Two optional static methods refine :class:`QuantConfig`'s checks: ``check_config(config)`` and
+    ``check_shape(config, in_features, out_features)`` raise ConfigError for settings or weight shapes
+    the method cannot store.
+
     A method whose stored grid is integer codes times a scale less an integer zero per block of inputs
     says so with ``block_form(tensors, in_features)`` (a :class:`~mixtral_quant.quant.block_form.BlockQuant`
     equal to :meth:`dequantize`, or None for a linear whose grid has no such form) and
     ``block_signature(tensors, in_features)`` (its width and block sizes, read without the codes): the
-    exporters then write its codes as they are (MatMulNBits, QMoE, GGUF Q4_0/Q8_0)."""
+    exporters then write its codes as they are (MatMulNBits, QMoE, GGUF Q4_0/Q8_0). Two more forms are
+    optional in the same way: ``bnb4_form(tensors)`` (bitsandbytes 4-bit codes and absmax, for
+    MatMulBnb4) and ``gguf_rows(tensors)`` (a GGML type name and the rows of a GGUF tensor of that type,
+    for a method that stores llama.cpp's blocks itself)."""
 
     config: QuantConfig
     needs_hessian: bool
+    allowed_bits: frozenset[int]  # the widths it can store
+    native_bits: int  # the width a recipe gets when it names none
     # Files beside config.json that repeat its quantization_config (GPTQModel reads quantize_config.json).
     config_files: tuple[str, ...]
 

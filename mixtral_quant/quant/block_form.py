@@ -1,5 +1,8 @@
-"""A linear's weights as integer codes with a scale and a zero per block of inputs: the form that
-onnxruntime's MatMulNBits / QMoE and llama.cpp's Q4_0 / Q8_0 take.
+"""The forms in which a method offers its stored weights to the exporters, exactly.
+
+:class:`BlockQuant`: integer codes with a scale and a zero per block of inputs, the form that
+onnxruntime's MatMulNBits / QMoE and llama.cpp's Q4_0 / Q8_0 take; :class:`Bnb4`: bitsandbytes 4-bit
+codes and absmax, the form of onnxruntime's MatMulBnb4.
 
 A method that can say its stored grid this way, exactly, has ``block_form`` (and the cheaper
 ``block_signature``, read without the codes); see :class:`~mixtral_quant.quant.base.Method`.
@@ -62,3 +65,11 @@ class GridSignature:
     bits: int
     choices: frozenset[int | None]  # block sizes that express it exactly (None: one scale per row)
     has_zeros: bool
+
+
+@dataclass
+class Bnb4:
+    codes: np.ndarray  # uint8 [N*K/2], as bitsandbytes stores them (row-major [N, K], 2 per byte)
+    absmax: np.ndarray  # float32 [N*K/block]
+    block: int
+    quant_type: int  # MatMulBnb4: 0 FP4, 1 NF4

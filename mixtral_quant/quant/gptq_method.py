@@ -20,6 +20,7 @@ from torch import nn
 
 from mixtral_quant.errors import ConfigError
 from mixtral_quant.quant.base import (
+    PACK_RUN,
     ROW_BAND,
     MethodName,
     QuantConfig,
@@ -110,9 +111,23 @@ class GPTQLayout:
     calibration driver's error check never holds a whole float32 weight either."""
 
     config_files: tuple[str, ...] = ("quantize_config.json",)
+    allowed_bits = frozenset({2, 3, 4, 8})
+    native_bits = 4
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+
+    @staticmethod
+    def check_shape(config: QuantConfig, in_features: int, out_features: int) -> None:
+        """Groups must divide the input and the packing runs (32 bits of codes) both dimensions."""
+        group = config.group_size_for(in_features)
+        if in_features % group:
+            raise ConfigError(f"group_size {group} does not divide in_features {in_features}: pick a divisor or -1")
+        run = PACK_RUN[config.bits]
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            if size % run:
+                raise ConfigError(f"{name} {size} cannot be packed at {config.bits} bits: it must be a multiple "
+                                  f"of {run}")
 
     @staticmethod
     def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:

@@ -42,6 +42,8 @@ class INT8:
 
     needs_hessian = False
     config_files: tuple[str, ...] = ()
+    allowed_bits = frozenset({8})
+    native_bits = 8
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
@@ -104,6 +106,8 @@ class W8:
 
     needs_hessian = False
     config_files: tuple[str, ...] = ()
+    allowed_bits = frozenset({8})
+    native_bits = 8
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config

@@ -20,6 +20,7 @@ from torch import nn
 
 from mixtral_quant.errors import CheckpointError, ConfigError
 from mixtral_quant.quant.base import ROW_BAND, MethodName, QuantConfig, QuantResult, check_weight
+from mixtral_quant.quant.block_form import Bnb4
 from mixtral_quant.quant.modules import require_tensors
 
 _STATE_KEYS = ["weight.absmax", "weight.quant_map", "weight.quant_state.bitsandbytes__nf4"]
@@ -55,6 +56,8 @@ class NF4:
 
     needs_hessian = False
     config_files: tuple[str, ...] = ()
+    allowed_bits = frozenset({4})
+    native_bits = 4
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
@@ -101,6 +104,16 @@ class NF4:
         # clone: quant maps may be shared with bitsandbytes' caches, and safetensors refuses shared storage
         tensors = {"weight": codes} | {f"weight.{k}": v.clone() for k, v in state.as_dict(packed=True).items()}
         return QuantResult(tensors, {"method": "nf4"})
+
+    def bnb4_form(self, tensors: Mapping[str, torch.Tensor]) -> Bnb4:
+        """The stored codes and the float absmax (double quantization undone): MatMulBnb4's inputs."""
+        state = bnbf.QuantState.from_dict({k: v for k, v in tensors.items() if k != "weight"},
+                                          device=torch.device("cpu"))  # fmt: skip
+        absmax = state.absmax
+        if state.nested:
+            absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        quant_type = {"nf4": 1, "fp4": 0}[state.quant_type]
+        return Bnb4(tensors["weight"].reshape(-1).numpy(), absmax.float().numpy(), int(state.blocksize), quant_type)
 
     def quant_state(self, tensors: Mapping[str, torch.Tensor]) -> bnbf.QuantState:
         """The bitsandbytes QuantState rebuilt from the stored tensors."""

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from mixtral_quant.errors import ConfigError
 from mixtral_quant.quant.base import (
-    Q4_K_SUB_BLOCK,
     MethodName,
     QuantConfig,
     QuantResult,
@@ -32,7 +32,7 @@ from mixtral_quant.quant.base import (
 )
 from mixtral_quant.quant.gptq import AffineGrid, HessianNotPositiveDefinite, gptq_quantize_stacked, unusable_hessian
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
-from mixtral_quant.quant.q4_k import Q4_K_BYTES, QK_K, dequantize_q4_k, pack_q4_k, q4_k_grid
+from mixtral_quant.quant.q4_k import Q4_K_BYTES, QK_K, SUB, dequantize_q4_k, pack_q4_k, q4_k_grid
 
 Q4_K_TENSORS = ["q4_k"]
 
@@ -42,6 +42,20 @@ class GPTQQ4K:
 
     needs_hessian = True
     config_files: tuple[str, ...] = ()
+    allowed_bits = frozenset({4})
+    native_bits = 4
+
+    @staticmethod
+    def check_config(config: QuantConfig) -> None:
+        if config.group_size != SUB:
+            raise ConfigError(f"{config.method_name} has one scale per {SUB} inputs: set group_size "
+                              f"{SUB}, not {config.group_size}")
+
+    @staticmethod
+    def check_shape(config: QuantConfig, in_features: int, out_features: int) -> None:
+        if in_features % QK_K:
+            raise ConfigError(f"{config.method_name} needs in_features a multiple of {QK_K}, got {in_features}: "
+                              "use another method for this model")
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
@@ -88,6 +102,10 @@ class GPTQQ4K:
         return QuantResult({"q4_k": torch.from_numpy(packed).to(weight.device)},
                            {"method": "rtn-q4_k", "fallback": reason})  # fmt: skip
 
+    def gguf_rows(self, tensors: Mapping[str, torch.Tensor]) -> tuple[str, np.ndarray]:
+        """The GGML type and the rows of a GGUF tensor of that type: the stored blocks themselves."""
+        return "Q4_K", tensors["q4_k"].numpy()
+
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         blocks = tensors["q4_k"]
         rows, width = blocks.shape
@@ -108,7 +126,7 @@ class GPTQQ4K:
             "quant_method": "mixtral-quant",
             "format": "gguf-q4_k",
             "bits": 4,
-            "group_size": Q4_K_SUB_BLOCK,
+            "group_size": SUB,
             "super_block": QK_K,
             "desc_act": cfg.act_order,
             "damp_percent": cfg.damp_percent,
