@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .awq_layer import fold_attention, fold_experts
 from .cache import attention_context
 from .config import MixtralConfig
 from .errors import MixtralQuantError
@@ -90,6 +91,7 @@ class LayerReport:
     fallbacks: dict[str, str] = field(default_factory=dict)  # module -> why it did not get routed GPTQ
     damp: dict[str, float] = field(default_factory=dict)  # module -> damping when raised above the recipe's
     seconds: float = 0.0
+    awq_alpha: dict[str, float] = field(default_factory=dict)  # AWQ folding point -> the alpha its search chose
 
 
 HESSIAN_BUDGET = 1 << 30  # bytes of expert Hessians captured in one pass (Mixtral-8x7B's w2: 822 MB each)
@@ -111,6 +113,7 @@ class LayerQuantizer:
         self.hessian_budget = hessian_budget
         self.method: Method = get_method(recipe.quant)
         self.tensors: dict[str, torch.Tensor] = {}
+        self.changed: set[str] = set()  # float tensors (relative names) the method rewrote: AWQ's folds
         self.report = LayerReport(layer.self_attn.layer_idx)
         self._ctx: dict[int, Any] = {}
 
@@ -218,7 +221,10 @@ class LayerQuantizer:
     def run(self, h: torch.Tensor) -> torch.Tensor:
         t0 = time.time()
         hessians = self.recipe.needs_calibration  # the method declares it needs each input Hessian
+        fake_quant = getattr(self.method, "fake_quant", None)  # a method that searches input scales (AWQ)
         if self.recipe.quantizes("attention"):
+            if fake_quant is not None:
+                fold_attention(self, h, fake_quant)
             qkv = self.hessian_of(h, self.layer.input_layernorm) if hessians else None
             self.quantize([f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], qkv)
             o = self.layer.self_attn.o_proj
@@ -229,6 +235,9 @@ class LayerQuantizer:
         self.count_tokens(mlp_in)
         if self.recipe.quantizes("experts"):
             if self.layer.block_sparse_moe is not None:
+                if fake_quant is not None:
+                    fold_experts(self, mlp_in, fake_quant)
+                    mlp_in = torch.cat(self.each_chunk(h, self.mlp_input))  # under the folded norm
                 self.quantize_experts(mlp_in, hessians)
             else:
                 self.quantize_dense_mlp(mlp_in, hessians)

@@ -137,9 +137,12 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         prefix = f"model.layers.{i}."
         quantized = {prefix + k: v for k, v in lq.tensors.items()}
         replaced = {k.rsplit(".", 1)[0] for k in lq.tensors}
+        # float tensors the method changed (AWQ's folded norms and router), in their stored dtype
+        changed = {prefix + n: layer.get_parameter(n).detach().cpu().to(reader.get(prefix + n).dtype)
+                   for n in sorted(lq.changed)}  # fmt: skip
         kept = {n: reader.get(n) for n in reader.names
-                if n.startswith(prefix) and n[len(prefix):].rsplit(".", 1)[0] not in replaced}
-        save_atomic({**kept, **quantized}, work / shard_name(i + 2, n_shards))
+                if n.startswith(prefix) and n[len(prefix):].rsplit(".", 1)[0] not in replaced and n not in changed}
+        save_atomic({**kept, **changed, **quantized}, work / shard_name(i + 2, n_shards))
         del kept, quantized
         save_atomic({"h": h.contiguous()}, work / f"activations-{i + 1}.safetensors")
         state["files"][shard_name(i + 2, n_shards)] = sha256_file(work / shard_name(i + 2, n_shards))
@@ -232,6 +235,8 @@ def finish(src: Path, work: Path, recipe: Recipe, n_layers: int, identity: dict[
         "damping_raised": {f"model.layers.{r.layer}.{m}": d for r in reports for m, d in r.damp.items()},
         "errors": {f"model.layers.{r.layer}.{m}": e for r in reports for m, e in sorted(r.errors.items())},
     }
+    if any(r.awq_alpha for r in reports):  # AWQ: the alpha each folding point's scale search chose
+        calibration["awq_alpha"] = {f"model.layers.{r.layer}.{p}": a for r in reports for p, a in r.awq_alpha.items()}
     write_json(work / "calibration.json", calibration)
     write_json(work / "run_log.json", {"seconds": seconds, "layer_seconds": [r.seconds for r in reports]})
     (work / STATE).unlink()

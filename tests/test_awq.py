@@ -3,11 +3,18 @@ on inputs with salient channels (the case AWQ is for)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from mixtral_quant.checkpoint import DEFAULT_MODEL, CheckpointReader
+from mixtral_quant.loading import load_model
+from mixtral_quant.pipeline import quantize_model
 from mixtral_quant.quant import MethodName, QuantConfig
 from mixtral_quant.quant.awq import ScaleGroup, output_error, scales_for, search_scale
 from mixtral_quant.quant.gptq import grouped_dequantize, rtn_quantize
+from mixtral_quant.recipe import load_recipe
 
 CFG = QuantConfig(MethodName.RTN, bits=4, group_size=128, sym=False)
 
@@ -55,3 +62,27 @@ def test_search_protects_salient_channels() -> None:
     s, alpha, errors = search_scale(groups, x.abs().mean(0), rtn)
     assert alpha > 0 and errors[round(alpha * 20)] == min(errors) < 0.5 * errors[0]
     assert float(s[:6].min()) > float(s[6:].max())  # the salient channels got the largest scales
+
+
+def test_awq_artifact_stores_its_folds(tmp_path: Path) -> None:
+    """A recipe naming method "awq" quantizes the embedded model with scales folded at every point: the
+    stored post-attention norm and router keep their product (the router's logits) up to bf16 rounding
+    while each differs from the source; the input norm too changed where alpha > 0; every folding
+    point's alpha is in calibration.json; the artifact is GPTQ's layout and loads."""
+    recipe = tmp_path / "awq.toml"
+    recipe.write_text('name = "awq"\n[quant]\nmethod = "awq"\nbits = 4\ngroup_size = 128\n'
+                      '[calibration]\nsamples = 4\nseq_len = 64\n')
+    art = quantize_model(DEFAULT_MODEL, load_recipe(recipe), tmp_path / "awq", progress=False)
+    src, out = CheckpointReader(DEFAULT_MODEL), CheckpointReader(art)
+    cal = json.loads((art / "calibration.json").read_text())
+    assert json.loads((art / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
+    for i in range(4):
+        p = f"model.layers.{i}."
+        assert len([k for k in cal["awq_alpha"] if k.startswith(p)]) == 3 + 8
+        g0, g1 = (r.get(p + "post_attention_layernorm.weight").float() for r in (src, out))
+        w0, w1 = (r.get(p + "block_sparse_moe.gate.weight").float() for r in (src, out))
+        assert not torch.equal(g0, g1) and not torch.equal(w0, w1)
+        torch.testing.assert_close(w1 * g1, w0 * g0, rtol=2e-2, atol=1e-4)
+        if cal["awq_alpha"][p + "input_layernorm"] > 0:
+            assert not torch.equal(src.get(p + "input_layernorm.weight"), out.get(p + "input_layernorm.weight"))
+    assert load_model(art, dtype=torch.float32) is not None

@@ -15,6 +15,11 @@ Mixtral's experts a group is one expert with the tokens the router sends it, so 
 counts in proportion to its tokens: a rarely used expert cannot pull the shared scale of the
 post-attention norm toward itself. ``alpha = 0`` (no scaling) is on the grid, so the scale found never
 scores worse than none.
+
+:class:`AWQ` (registered as ``"awq"``) is the method: the driver (mixtral_quant/awq_layer.py) searches and
+folds the scales of each layer, then the linears are rounded to nearest in the GPTQ layout. No recipe is
+shipped yet: on the embedded model at 4 bits, groups of 128, it lowers round-to-nearest's KL only 5 %
+(wiki-test 0.00714 against 0.00749) and not its perplexity.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from mixtral_quant.quant.base import QuantResult
+from mixtral_quant.quant.gptq import grouped_dequantize, rtn_quantize
+from mixtral_quant.quant.gptq_method import RTN
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]  # float [O, I] -> its quantized-and-dequantized float
 ALPHA_GRID = 20  # AWQ's n_grid: alpha in 0, 0.05, ..., 0.95
@@ -47,6 +56,7 @@ def scales_for(magnitude: torch.Tensor, alpha: float) -> torch.Tensor:
 def output_error(groups: Sequence[ScaleGroup], s: torch.Tensor, fake_quant: FakeQuant) -> float:
     """The summed squared output error of the groups' linears quantized with input scales ``s``."""
     total = 0.0
+    s = s.to(groups[0].hessian.device) if groups else s
     for g in groups:
         for w in g.weights:
             e = w.float() - fake_quant(w.float() * s) / s
@@ -55,8 +65,38 @@ def output_error(groups: Sequence[ScaleGroup], s: torch.Tensor, fake_quant: Fake
 
 
 def search_scale(groups: Sequence[ScaleGroup], magnitude: torch.Tensor, fake_quant: FakeQuant,
-                 grid: int = ALPHA_GRID) -> tuple[torch.Tensor, float, list[float]]:  # fmt: skip
-    """(best scales, their alpha, the error at each alpha of the grid)."""
-    errors = [output_error(groups, scales_for(magnitude, k / grid), fake_quant) for k in range(grid)]
+                 grid: int = ALPHA_GRID, expand: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 ) -> tuple[torch.Tensor, float, list[float]]:  # fmt: skip
+    """(best scales, their alpha, the error at each alpha of the grid). ``expand`` maps the scales onto
+    the linears' input channels when several channels share one (v -> o under grouped-query attention)."""
+    def error(s: torch.Tensor) -> float:
+        return output_error(groups, expand(s) if expand is not None else s, fake_quant)
+
+    errors = [error(scales_for(magnitude, k / grid)) for k in range(grid)]
     best = min(range(grid), key=errors.__getitem__)
     return scales_for(magnitude, best / grid), best / grid, errors
+
+
+def channel_rms(hessian: torch.Tensor) -> torch.Tensor:
+    """Each input channel's root mean square from a Hessian ``2/n sum x x^T``: the magnitude the search
+    raises to ``alpha`` (AWQ uses the mean absolute value; the RMS comes free with the Hessian)."""
+    return (hessian.diagonal().float() / 2).clamp(min=0).sqrt()
+
+
+class AWQ(RTN):
+    """AWQ: input scales searched and folded into the model (see :mod:`mixtral_quant.quant.awq_fold`),
+    then round-to-nearest; stored in the GPTQ layout, so it loads and exports as any GPTQ artifact.
+    ``needs_hessian``: the calibration driver captures the inputs the search scores on."""
+
+    needs_hessian = True
+
+    def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` rounded onto this method's grid and back, float32."""
+        q = rtn_quantize(weight, self.config)
+        return grouped_dequantize(q.qint.t(), q.scales, q.zeros, q.g_idx).t()
+
+    def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
+        result = super().quantize(weight)
+        return QuantResult(result.tensors, {**result.info, "method": "awq"})
+
+    quantize_widened = quantize
