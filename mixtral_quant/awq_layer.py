@@ -49,9 +49,9 @@ def fold_attention(q: LayerQuantizer, h: torch.Tensor, fake_quant: Any) -> None:
     q.report.awq_alpha["v_proj->o_proj"] = alpha
 
 
-def fold_experts(q: LayerQuantizer, mlp_in: torch.Tensor, fake_quant: Any) -> None:
+def fold_experts(q: LayerQuantizer, mlp_in: torch.Tensor, fake_quant: Any) -> torch.Tensor:
     """Post-attention norm -> router and every expert's w1/w3 (searched on the MoE block's inputs
-    ``mlp_in``), then each expert's w3 -> w2."""
+    ``mlp_in``), then each expert's w3 -> w2; returns the MoE block's inputs under the folded norm."""
     layer, moe = q.layer, q.layer.block_sparse_moe
     assert moe is not None
     experts: list[Expert] = list(moe.experts)  # type: ignore[arg-type]
@@ -71,3 +71,4 @@ def fold_experts(q: LayerQuantizer, mlp_in: torch.Tensor, fake_quant: Any) -> No
         s_e, alpha, _ = search_scale([_group([expert.w2.weight], acc)], channel_rms(acc.hessian), fake_quant)
         fold_up_down(expert, s_e)
         q.report.awq_alpha[f"experts.{e}.w3->w2"] = alpha
+    return mlp_in

@@ -236,8 +236,7 @@ class LayerQuantizer:
         if self.recipe.quantizes("experts"):
             if self.layer.block_sparse_moe is not None:
                 if fake_quant is not None:
-                    fold_experts(self, mlp_in, fake_quant)
-                    mlp_in = torch.cat(self.each_chunk(h, self.mlp_input))  # under the folded norm
+                    mlp_in = fold_experts(self, mlp_in, fake_quant)  # the inputs under the folded norm
                 self.quantize_experts(mlp_in, hessians)
             else:
                 self.quantize_dense_mlp(mlp_in, hessians)

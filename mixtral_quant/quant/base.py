@@ -32,9 +32,14 @@ class MethodName(str, Enum):
 _REGISTRY: dict[str, type[Method]] = {}
 
 
-def register(name: str, method: type[Method]) -> None:
+def name_of(method: MethodName | str) -> str:
+    """The registered name of a method given as a MethodName or by name."""
+    return method.value if isinstance(method, MethodName) else str(method)
+
+
+def register(name: MethodName | str, method: type[Method]) -> None:
     """Make ``method`` the method called ``name`` (a recipe's ``[quant] method``, ``QuantConfig.method``)."""
-    _REGISTRY[name.value if isinstance(name, MethodName) else name] = method
+    _REGISTRY[name_of(name)] = method
 
 
 def method_class(name: str) -> type[Method]:
@@ -111,13 +116,12 @@ class QuantConfig:
     @property
     def method_name(self) -> str:
         """The name the method is registered under (``"gptq"``, ...)."""
-        return self.method.value if isinstance(self.method, MethodName) else str(self.method)
+        return name_of(self.method)
 
     @classmethod
     def for_method(cls, method: MethodName | str, **overrides: Any) -> QuantConfig:
         """A config with the method's native bit width (8 for int8/w8, 4 otherwise) unless overridden."""
-        name = method.value if isinstance(method, MethodName) else method
-        overrides.setdefault("bits", method_class(name).native_bits)
+        overrides.setdefault("bits", method_class(name_of(method)).native_bits)
         return cls(method=method, **overrides)
 
     def group_size_for(self, in_features: int) -> int:
