@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from mixtral_quant.checkpoint import DEFAULT_MODEL, CheckpointReader
 from mixtral_quant.loading import load_model
 from mixtral_quant.pipeline import quantize_model
-from mixtral_quant.quant import MethodName, QuantConfig
-from mixtral_quant.quant.awq import ScaleGroup, output_error, scales_for, search_scale
+from mixtral_quant.quant import MethodName, QuantConfig, get_method
+from mixtral_quant.quant.awq import CLIP_RATIOS, ScaleGroup, clip_ratios, output_error, scales_for, search_scale
 from mixtral_quant.quant.gptq import grouped_dequantize, rtn_quantize
+from mixtral_quant.quant.gptq_method import dequantize_checkpoint
 from mixtral_quant.recipe import load_recipe
 
 CFG = QuantConfig(MethodName.RTN, bits=4, group_size=128, sym=False)
@@ -62,6 +64,49 @@ def test_search_protects_salient_channels() -> None:
     s, alpha, errors = search_scale(groups, x.abs().mean(0), rtn)
     assert alpha > 0 and errors[round(alpha * 20)] == min(errors) < 0.5 * errors[0]
     assert float(s[:6].min()) > float(s[6:].max())  # the salient channels got the largest scales
+
+
+def heavy_tailed(rows: int, cols: int, seed: int) -> torch.Tensor:
+    """Weights with a few large values per group, as trained LLM weights have (a normal over the root
+    of a uniform: heavier tails than a normal)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen) / torch.rand(rows, cols, generator=gen).clamp(min=0.05).sqrt()
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_ratio_minimises_each_groups_output_error(sym: bool) -> None:
+    """Each group's clipping ratio is the one of the grid whose round-to-nearest output error on the
+    tokens themselves, ||X_g (w_g - q_g)||^2, is smallest: checked by quantizing the whole weight at
+    every ratio and measuring each group's error from the activations (not from the Hessian)."""
+    cfg = QuantConfig(MethodName.RTN, bits=4, group_size=64, sym=sym)
+    w, x = heavy_tailed(48, 192, 5), salient_inputs(400, 192, 6)
+    picked = clip_ratios(w, x.T @ x / 400, cfg)
+    errors = []
+    for r in CLIP_RATIOS:
+        q = rtn_quantize(w, cfg, torch.full((48, 3), r))
+        e = (w - grouped_dequantize(q.qint.t(), q.scales, q.zeros, q.g_idx).t()).view(48, 3, 64)
+        errors.append(torch.stack([((x[:, k * 64 : (k + 1) * 64] @ e[:, k].T) ** 2).sum(0) for k in range(3)], 1))
+    err = torch.stack(errors)  # [ratios, O, G]
+    index = (picked[None] - torch.tensor(CLIP_RATIOS)[:, None, None]).abs().argmin(0)  # each pick's grid point
+    torch.testing.assert_close(err.gather(0, index[None])[0], err.min(0).values, rtol=1e-4, atol=0)
+    assert 0.2 < float((picked < 1).float().mean()) < 1.0  # heavy tails: most groups clip, not all
+    assert float(err.min(0).values.sum()) < 0.9 * float(err[0].sum())  # clipping cuts RTN's output error
+
+
+def test_awq_quantize_clips_with_a_hessian_and_rounds_without() -> None:
+    """``AWQ.quantize`` stores round-to-nearest with the searched clipping; without a Hessian (an expert
+    no token reached) the bytes of plain round-to-nearest, with the reason noted."""
+    cfg = QuantConfig(MethodName.AWQ, bits=4, group_size=128, sym=True)
+    w, x = heavy_tailed(64, 256, 7), salient_inputs(300, 256, 8)
+    h = 2 * x.T @ x / 300
+    got = get_method(cfg).quantize(w, h)
+    want = rtn_quantize(w, cfg, clip_ratios(w, h, cfg))
+    want_w = grouped_dequantize(want.qint.t(), want.scales, want.zeros, want.g_idx).t()
+    torch.testing.assert_close(dequantize_checkpoint(got.tensors, 4), want_w, rtol=0, atol=0)
+    bare = get_method(cfg).quantize(w)
+    plain = get_method(QuantConfig(MethodName.RTN, bits=4, group_size=128, sym=True)).quantize(w)
+    assert bare.info["fallback"] == "no Hessian"
+    assert all(torch.equal(bare.tensors[k], plain.tensors[k]) for k in plain.tensors)
 
 
 def test_awq_artifact_stores_its_folds(tmp_path: Path) -> None:

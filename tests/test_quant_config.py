@@ -69,7 +69,7 @@ def test_non_finite_weight_is_refused() -> None:
 
 
 def test_registry_covers_every_method() -> None:
-    assert set(registered()) == {m.value for m in MethodName} | {"awq"}
+    assert set(registered()) == {m.value for m in MethodName}
     for name in MethodName:
         method = get_method(QuantConfig.for_method(name, group_size=32))
         assert method.config.method is name

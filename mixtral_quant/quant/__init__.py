@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mixtral_quant.errors import ConfigError
-from mixtral_quant.quant.awq import AWQ
+from mixtral_quant.quant.awq import AWQ, AWQGPTQ
 from mixtral_quant.quant.base import Method, MethodName, QuantConfig, QuantResult, method_class, register, registered
 from mixtral_quant.quant.gptq import HessianAccumulator, HessianNotPositiveDefinite
 from mixtral_quant.quant.gptq_method import GPTQ, RTN
@@ -31,7 +31,8 @@ register(MethodName.W8, W8)
 register(MethodName.GPTQ, GPTQ)
 register(MethodName.RTN, RTN)
 register(MethodName.GPTQ_Q4_K, GPTQQ4K)
-register("awq", AWQ)
+register(MethodName.AWQ, AWQ)
+register(MethodName.AWQ_GPTQ, AWQGPTQ)
 
 
 def get_method(config: QuantConfig) -> Method:

@@ -27,6 +27,8 @@ class MethodName(str, Enum):
     GPTQ = "gptq"  # GPTQ (Frantar et al. 2022), stored in the GPTQ v1 checkpoint layout
     RTN = "rtn"  # round-to-nearest in the GPTQ layout: GPTQ's baseline and its fallback
     GPTQ_Q4_K = "gptq-q4_k"  # GPTQ onto llama.cpp's Q4_K grid, stored as its block_q4_K bytes
+    AWQ = "awq"  # AWQ (Lin et al. 2023): scales folded into the model, clipped round-to-nearest, GPTQ layout
+    AWQ_GPTQ = "awq-gptq"  # AWQ's scales, then GPTQ, GPTQ layout
 
 
 _REGISTRY: dict[str, type[Method]] = {}

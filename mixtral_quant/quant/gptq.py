@@ -78,15 +78,20 @@ class QuantizedWeight(NamedTuple):
     info: dict[str, float | int | str]
 
 
-def group_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def group_grid(w: torch.Tensor, bits: int, sym: bool, clip: torch.Tensor | float | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Scale and zero (both float32 ``[...]``) of the min/max grid over the last dim of ``w``.
 
     The reference ``Quantizer.find_params``: the range always includes 0; symmetric grids have
-    zero ``(maxq + 1) / 2``; an all-zero row gets range [-1, 1].
+    zero ``(maxq + 1) / 2``; an all-zero row gets range [-1, 1]. ``clip`` (``[...]`` or a number
+    in (0, 1]) shrinks each min and max before the grid is made: the values outside it are clipped
+    by the codes' range (AWQ's clipping search picks it).
     """
     maxq = 2**bits - 1
     xmin = w.amin(-1).clamp(max=0.0)
     xmax = w.amax(-1).clamp(min=0.0)
+    if clip is not None:
+        xmin, xmax = xmin * clip, xmax * clip
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -144,13 +149,14 @@ def dequantize_gptq(qint: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
     return grouped_dequantize(qint.t(), scales, zeros, g_idx).t()
 
 
-def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig) -> QuantizedWeight:
-    """Round-to-nearest on the min/max grid of each group; same outputs as :func:`gptq_quantize`."""
+def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None) -> QuantizedWeight:
+    """Round-to-nearest on the min/max grid of each group (shrunk by ``clip [O, G]`` when given);
+    same outputs as :func:`gptq_quantize`."""
     out_features, in_features = weight.shape
     group = cfg.group_size_for(in_features)
     w = weight.to(torch.float32)
     grouped = w.reshape(out_features, in_features // group, group)  # [O, G, g]
-    scale, zero = group_grid(grouped, cfg.bits, cfg.sym)  # [O, G]
+    scale, zero = group_grid(grouped, cfg.bits, cfg.sym, clip)  # [O, G]
     q = quantize_codes(grouped, scale[..., None], zero[..., None], cfg.bits)
     g_idx = torch.arange(in_features, device=w.device, dtype=torch.int32) // group
     result = QuantizedWeight(

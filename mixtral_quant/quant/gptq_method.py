@@ -62,10 +62,12 @@ def dequantize_checkpoint(tensors: Mapping[str, torch.Tensor], bits: int) -> tor
     return grouped_dequantize(q, tensors["scales"], zeros, tensors["g_idx"]).t()
 
 
-def rtn_checkpoint(weight: torch.Tensor, cfg: QuantConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rtn_checkpoint(weight: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:  # fmt: skip
     """Round-to-nearest of ``weight [O, I]`` (any float dtype) straight into the gptq v1 tensors,
     ``ROW_BAND`` output rows at a time: rows never mix, so the bytes are those of the whole matrix at
-    once, while float32 temporaries stay a band's size (16 MB at 4096 inputs, not 235 MB for w1)."""
+    once, while float32 temporaries stay a band's size (16 MB at 4096 inputs, not 235 MB for w1).
+    ``clip [O, G]``: each group's range shrunk by that ratio (see :func:`group_grid`)."""
     out_features, in_features = weight.shape
     bits, groups = cfg.bits, in_features // cfg.group_size_for(in_features)
     tensors = {
@@ -76,7 +78,7 @@ def rtn_checkpoint(weight: torch.Tensor, cfg: QuantConfig) -> tuple[dict[str, to
     info: dict[str, Any] = {}
     for start in range(0, out_features, ROW_BAND):  # ROW_BAND and out_features are multiples of 32: whole words
         stop = min(start + ROW_BAND, out_features)
-        qw = rtn_quantize(weight[start:stop], cfg)
+        qw = rtn_quantize(weight[start:stop], cfg, None if clip is None else clip[start:stop])
         band = to_checkpoint(qw, bits)
         tensors["qweight"][:, start:stop] = band["qweight"]
         tensors["qzeros"][:, start * bits // 32 : stop * bits // 32] = band["qzeros"]
