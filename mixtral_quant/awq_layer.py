@@ -31,14 +31,14 @@ def _group(weights: list[torch.Tensor], acc: HessianAccumulator) -> ScaleGroup:
 def fold_attention(q: LayerQuantizer, h: torch.Tensor, fake_quant: Any) -> None:
     """Input norm -> q/k/v, then v -> o, searched on the layer's inputs ``h`` and folded."""
     layer, attn = q.layer, q.layer.self_attn
-    acc = q.hessian_of(h, layer.input_layernorm)
+    acc = q.inputs.hessian_of(h, layer.input_layernorm)
     qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
     s, alpha, _ = search_scale([_group([m.weight for m in qkv], acc)], channel_rms(acc.hessian), fake_quant)
     fold_norm(layer.input_layernorm, qkv, s)
     q.changed.add("input_layernorm.weight")
     q.report.awq_alpha["input_layernorm"] = alpha
     cfg = attn.cfg
-    acc_o = q.capture(h, {"o": attn.o_proj}, q.attn_out)["o"]
+    acc_o = q.inputs.capture(h, {"o": attn.o_proj}, q.inputs.attn_out)["o"]
     per_kv = channel_rms(acc_o.hessian).view(cfg.num_key_value_heads, cfg.n_rep, cfg.head_dim).mean(1).reshape(-1)
 
     def expand(s_kv: torch.Tensor) -> torch.Tensor:
@@ -55,17 +55,17 @@ def fold_experts(q: LayerQuantizer, mlp_in: torch.Tensor, fake_quant: Any) -> to
     layer, moe = q.layer, q.layer.block_sparse_moe
     assert moe is not None
     experts: list[Expert] = list(moe.experts)  # type: ignore[arg-type]
-    routed = q.capture(mlp_in, {str(e): x.w1 for e, x in enumerate(experts)}, moe)
+    routed = q.inputs.capture_routed(mlp_in, list(range(len(experts))), lambda _expert, x: x)
     groups = [_group([experts[int(e)].w1.weight, experts[int(e)].w3.weight], acc) for e, acc in routed.items()]
-    every = q.hessian_of(mlp_in, lambda x: x)
+    every = q.inputs.hessian_of(mlp_in, lambda x: x)
     s, alpha, _ = search_scale(groups, channel_rms(every.hessian), fake_quant)
     readers = [moe.gate, *(x.w1 for x in experts), *(x.w3 for x in experts)]
     fold_norm(layer.post_attention_layernorm, readers, s)  # the router's weight takes s too: same experts
     q.changed.update({"post_attention_layernorm.weight", "block_sparse_moe.gate.weight"})
     q.report.awq_alpha["post_attention_layernorm"] = alpha
-    mlp_in = torch.cat(q.each_chunk(mlp_in, lambda x: x / s.to(x.device, x.dtype)))  # under the folded norm
+    mlp_in = torch.cat(q.inputs.each_chunk(mlp_in, lambda x: x / s.to(x.device, x.dtype)))  # under the folded norm
     for e, expert in enumerate(experts):
-        acc = q.capture(mlp_in, {"w2": expert.w2}, moe).get("w2")
+        acc = q.inputs.capture_routed(mlp_in, [e], Expert.hidden).get(str(e))
         if acc is None or acc.count == 0:
             continue
         s_e, alpha, _ = search_scale([_group([expert.w2.weight], acc)], channel_rms(acc.hessian), fake_quant)

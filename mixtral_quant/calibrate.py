@@ -20,16 +20,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .awq_layer import fold_attention, fold_experts
-from .cache import attention_context
 from .config import MixtralConfig
 from .errors import MixtralQuantError
+from .layer_inputs import LayerInputs, expert_input
 from .model import DecoderLayer, Expert
 from .quant import HessianAccumulator, get_method
 from .quant.base import ROW_BAND, Method, QuantResult
@@ -98,7 +96,9 @@ HESSIAN_BUDGET = 1 << 30  # bytes of expert Hessians captured in one pass (Mixtr
 
 
 class LayerQuantizer:
-    """Quantizes one decoder layer in place, module group by module group.
+    """Quantizes one decoder layer in place, module group by module group: decides what each linear is
+    quantized from (the expert policy, the Hessian budget), quantizes it, installs its runtime module
+    and reports; running the layer and capturing Hessians is :class:`LayerInputs`' job (``inputs``).
 
     Expert Hessians are captured a group of experts per pass over the activations, as many as fit
     in ``hessian_budget`` bytes, and freed once their experts are quantized: at Mixtral-8x7B's
@@ -109,33 +109,13 @@ class LayerQuantizer:
 
     def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
                  chunk: int = 8, hessian_budget: int = HESSIAN_BUDGET) -> None:
-        self.layer, self.cfg, self.recipe, self.device, self.chunk = layer, cfg, recipe, device, chunk
+        self.layer, self.cfg, self.recipe, self.device = layer, cfg, recipe, device
+        self.inputs = LayerInputs(layer, cfg, device, chunk)
         self.hessian_budget = hessian_budget
         self.method: Method = get_method(recipe.quant)
         self.tensors: dict[str, torch.Tensor] = {}
         self.changed: set[str] = set()  # float tensors (relative names) the method rewrote: AWQ's folds
         self.report = LayerReport(layer.self_attn.layer_idx)
-        self._ctx: dict[int, Any] = {}
-
-    # -- running the layer over the calibration activations ---------------------------------------
-    def ctx(self, b: int, s: int) -> Any:
-        if b not in self._ctx:
-            self._ctx[b] = attention_context(self.cfg, b, s, None, 0, torch.float32, self.device)
-        return self._ctx[b]
-
-    def each_chunk(self, h: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> list[torch.Tensor]:
-        outs = []
-        for start in range(0, h.shape[0], self.chunk):
-            y = fn(h[start : start + self.chunk].to(self.device))
-            if y is not None:
-                outs.append(y.to("cpu"))
-        return outs
-
-    def attn_out(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.layer.self_attn(self.layer.input_layernorm(x), self.ctx(x.shape[0], x.shape[1]), None)
-
-    def mlp_input(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer.post_attention_layernorm(self.attn_out(x))
 
     # -- quantizing one linear ----------------------------------------------------------------------
     def quantize(self, names: list[str], hessian: HessianAccumulator | None, fallback: str | None = None) -> None:
@@ -183,40 +163,6 @@ class LayerQuantizer:
         runtime = method.make_module(result.tensors, module.in_features, module.out_features).to(self.device)
         self.layer.set_submodule(name, runtime)
 
-    def hessian_of(self, h: torch.Tensor, inputs: Callable[[torch.Tensor], torch.Tensor]) -> HessianAccumulator:
-        acc: HessianAccumulator | None = None
-        for start in range(0, h.shape[0], self.chunk):
-            x = inputs(h[start : start + self.chunk].to(self.device))
-            if acc is None:
-                acc = HessianAccumulator(x.shape[-1], device=self.device)
-            acc.add(x)
-        assert acc is not None
-        return acc
-
-    def capture(self, h: torch.Tensor, modules: Mapping[str, nn.Module], run: Callable[[torch.Tensor], Any]
-                ) -> dict[str, HessianAccumulator]:
-        """Hessians of the inputs each module receives while ``run`` goes over the activations."""
-        accs: dict[str, HessianAccumulator] = {}
-
-        def hook(name: str) -> Callable[..., None]:
-            def fn(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-                x = args[0]
-                if name not in accs:
-                    accs[name] = HessianAccumulator(x.shape[-1], device=self.device)
-                accs[name].add(x)
-            return fn
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-        def consume(x: torch.Tensor) -> None:
-            run(x)
-
-        try:
-            self.each_chunk(h, consume)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return accs
-
     # -- the layer ----------------------------------------------------------------------------------
     def run(self, h: torch.Tensor) -> torch.Tensor:
         t0 = time.time()
@@ -225,13 +171,13 @@ class LayerQuantizer:
         if self.recipe.quantizes("attention"):
             if fake_quant is not None:
                 fold_attention(self, h, fake_quant)
-            qkv = self.hessian_of(h, self.layer.input_layernorm) if hessians else None
+            qkv = self.inputs.hessian_of(h, self.layer.input_layernorm) if hessians else None
             self.quantize([f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], qkv)
             o = self.layer.self_attn.o_proj
-            acc = self.capture(h, {"o": o}, self.attn_out)["o"] if hessians else None
+            acc = self.inputs.capture(h, {"o": o}, self.inputs.attn_out)["o"] if hessians else None
             self.quantize(["self_attn.o_proj"], acc)
         # the MLP's inputs, once per stage: attention is final from here on
-        mlp_in = torch.cat(self.each_chunk(h, self.mlp_input))
+        mlp_in = torch.cat(self.inputs.each_chunk(h, self.inputs.mlp_input))
         self.count_tokens(mlp_in)
         if self.recipe.quantizes("experts"):
             if self.layer.block_sparse_moe is not None:
@@ -241,7 +187,7 @@ class LayerQuantizer:
             else:
                 self.quantize_dense_mlp(mlp_in, hessians)
         del mlp_in
-        out = torch.cat(self.each_chunk(h, lambda x: self.layer(x, self.ctx(x.shape[0], x.shape[1]))[0]))
+        out = torch.cat(self.inputs.each_chunk(h, lambda x: self.layer(x, self.inputs.ctx(x.shape[0], x.shape[1]))[0]))
         self.report.seconds = time.time() - t0
         return out
 
@@ -256,7 +202,7 @@ class LayerQuantizer:
             logits = moe.gate(x.reshape(-1, x.shape[-1]))
             counts.add_(torch.bincount(logits.topk(moe.top_k, dim=-1).indices.flatten().cpu(), minlength=len(counts)))
 
-        self.each_chunk(mlp_in, count)
+        self.inputs.each_chunk(mlp_in, count)
         self.report.tokens_per_expert = counts.tolist()
 
     def quantize_experts(self, h: torch.Tensor, hessians: bool) -> None:
@@ -272,54 +218,47 @@ class LayerQuantizer:
         source, notes = expert_sources(self.report.tokens_per_expert, h.shape[0] * h.shape[1],
                                        self.recipe.experts, hessians)
 
-        def run_moe(x: torch.Tensor) -> Any:
-            return moe(x)
-
-        shared = self.hessian_of(h, _same) if HessianSource.ALL_TOKENS in source.values() else None
+        shared = self.inputs.hessian_of(h, _same) if HessianSource.ALL_TOKENS in source.values() else None
         routed = [e for e in range(len(experts)) if source[e] is HessianSource.ROUTED]
         captured: dict[str, HessianAccumulator] = {}
         for e in range(len(experts)):
             if source[e] is HessianSource.ROUTED and str(e) not in captured:
-                captured = self._capture_group(h, experts, routed, e, "w1", run_moe)
+                captured = self._capture_group(h, experts, routed, e, "w1")
             acc = shared if source[e] is HessianSource.ALL_TOKENS else captured.pop(str(e), None)
             self.quantize([f"block_sparse_moe.experts.{e}.{w}" for w in ("w1", "w3")], acc, notes[e])
         del shared
         for e, expert in enumerate(experts):
             if source[e] is HessianSource.ROUTED and str(e) not in captured:
-                captured = self._capture_group(h, experts, routed, e, "w2", run_moe)
+                captured = self._capture_group(h, experts, routed, e, "w2")
             if source[e] is HessianSource.ALL_TOKENS:
-                acc = self.hessian_of(h, partial(_swiglu_hidden, expert))
+                acc = self.inputs.hessian_of(h, expert.hidden)
             else:
                 acc = captured.pop(str(e), None)
             self.quantize([f"block_sparse_moe.experts.{e}.w2"], acc, notes[e])
             del acc
 
-    def _capture_group(self, h: torch.Tensor, experts: list[Expert], routed: list[int], first: int, linear: str,
-                       run: Callable[[torch.Tensor], Any]) -> dict[str, HessianAccumulator]:  # fmt: skip
+    def _capture_group(self, h: torch.Tensor, experts: list[Expert], routed: list[int], first: int,
+                       linear: str) -> dict[str, HessianAccumulator]:  # fmt: skip
         """Hessians of ``linear`` for ``first`` and the routed experts after it, as many as fit in the
-        budget together (float32 ``[in, in]`` each), from one pass of ``run`` over the activations."""
+        budget together (float32 ``[in, in]`` each), from one pass over the MoE block's inputs."""
         in_features = getattr(experts[first], linear).in_features
         per_pass = max(1, self.hessian_budget // (4 * in_features * in_features))
         start = routed.index(first)
-        group = routed[start : start + per_pass]
-        return self.capture(h, {str(k): getattr(experts[k], linear) for k in group}, run)
+        inputs = expert_input if linear == "w1" else Expert.hidden
+        return self.inputs.capture_routed(h, routed[start : start + per_pass], inputs)
 
     def quantize_dense_mlp(self, h: torch.Tensor, hessians: bool) -> None:
         """gate/up, then down, of a dense MLP whose input (after the post-attention norm) is ``h``."""
         mlp = self.layer.mlp
         assert mlp is not None
-        acc = self.hessian_of(h, _same) if hessians else None
+        acc = self.inputs.hessian_of(h, _same) if hessians else None
         self.quantize(["mlp.gate_proj", "mlp.up_proj"], acc)
-        down = self.capture(h, {"d": mlp.down_proj}, mlp)["d"] if hessians else None
+        down = self.inputs.capture(h, {"d": mlp.down_proj}, mlp)["d"] if hessians else None
         self.quantize(["mlp.down_proj"], down)
 
 
 def _same(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def _swiglu_hidden(expert: Expert, x: torch.Tensor) -> torch.Tensor:
-    return F.silu(expert.w1(x)) * expert.w3(x)
 
 
 def dequantized_rows(method: Method, tensors: Mapping[str, torch.Tensor]) -> Callable[[int, int], torch.Tensor]:

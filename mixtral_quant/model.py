@@ -10,6 +10,7 @@ D head dim, M model (hidden) dim, I expert (intermediate) dim, E experts, K acti
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -78,8 +79,12 @@ class Expert(nn.Module):
         self.w2 = nn.Linear(intermediate, hidden, bias=False)  # down
         self.w3 = nn.Linear(hidden, intermediate, bias=False)  # up
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """w2's input: the SwiGLU product."""
+        return F.silu(self.w1(x)) * self.w3(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.hidden(x))
 
 
 class DenseMLP(nn.Module):
@@ -105,6 +110,16 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
     return weights / weights.sum(dim=-1, keepdim=True), experts
 
 
+def dispatch(experts: torch.Tensor, n_experts: int) -> dict[int, torch.Tensor]:
+    """``experts [N, K]`` (each token's chosen experts) -> for every expert chosen at least once, its
+    (token, k) slots in token order (indices into ``experts.flatten()``; ``slot // K`` is the token)."""
+    slot = experts.flatten()  # [N*K] expert of each (token, k) slot
+    order = torch.argsort(slot, stable=True)
+    counts = torch.bincount(slot, minlength=n_experts).tolist()
+    starts = [0, *itertools.accumulate(counts)]
+    return {e: order[starts[e] : starts[e] + n] for e, n in enumerate(counts) if n}
+
+
 class SparseMoE(nn.Module):
     """Router + experts; tokens are grouped by expert so each expert runs once per call."""
 
@@ -127,19 +142,17 @@ class SparseMoE(nn.Module):
         weights, experts = route(logits, self.top_k)  # [N, K]
         weights = weights.to(x.dtype)
         out = torch.zeros_like(flat)
-        slot = experts.flatten()  # [N*K] expert of each (token, k) slot
-        order = torch.argsort(slot, stable=True)
-        counts = torch.bincount(slot, minlength=len(self.experts)).tolist()
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = order[start : start + n]
-            start += n
+        for e, sel in dispatch(experts, len(self.experts)).items():
             tok = sel // self.top_k  # tokens routed to expert e
             y = self.experts[e](flat[tok]) * weights.flatten()[sel, None]
             out.index_add_(0, tok, y)
         return out.view(b, s, m), logits
+
+    def routed_tokens(self, flat: torch.Tensor) -> dict[int, torch.Tensor]:
+        """For ``flat [N, M]`` (MoE inputs), the rows routed to each expert that gets any, in the order
+        :meth:`forward` hands them to it: the inputs of an expert without running the others."""
+        _, experts = route(self.gate(flat), self.top_k)
+        return {e: sel // self.top_k for e, sel in dispatch(experts, len(self.experts)).items()}
 
 
 class DecoderLayer(nn.Module):

@@ -167,19 +167,50 @@ def test_expert_hessians_captured_in_budgeted_groups_give_the_same_bytes(monkeyp
         lq = LayerQuantizer(layer, cfg, recipe, torch.device("cpu"), hessian_budget=budget)
         sizes: list[int] = []
 
-        def counted(h, modules, run, capture=lq.capture, sizes=sizes):
-            sizes.append(len(modules))
-            return capture(h, modules, run)
+        def counted(h, experts, inputs, capture=lq.inputs.capture_routed, sizes=sizes):
+            sizes.append(len(experts))
+            return capture(h, experts, inputs)
 
-        monkeypatch.setattr(lq, "capture", counted)
+        monkeypatch.setattr(lq.inputs, "capture_routed", counted)
         runs[budget] = (lq.run(h), lq.tensors, sizes, lq.report.fallbacks)
     (out_a, t_a, sizes_a, fb_a), (out_b, t_b, sizes_b, fb_b) = runs[1], runs[1 << 40]
     routed = 8 - sum(1 for m in fb_a if m.endswith(".w2"))
-    assert sizes_a[1:] == [1] * (2 * routed)  # o_proj, then one expert per pass for w1 and for w2
-    assert sizes_b[1:] == [routed, routed]
+    assert sizes_a == [1] * (2 * routed)  # one expert per pass for w1 and for w2
+    assert sizes_b == [routed, routed]
     assert fb_a == fb_b
     assert torch.equal(out_a, out_b)
     assert t_a.keys() == t_b.keys() and all(torch.equal(t_a[k], t_b[k]) for k in t_a)
+
+
+def test_routed_inputs_are_what_hooks_on_the_running_moe_see():
+    """capture_routed computes each expert's inputs (w1's and w2's) from the router's choice without
+    running the other experts: its Hessians equal, bit for bit, those of hooks on the experts while
+    the whole MoE block runs over the same chunks, and it runs each expert once per chunk, not all."""
+    from mixtral_quant.calibrate import LayerQuantizer
+    from mixtral_quant.checkpoint import load_config
+    from mixtral_quant.layer_inputs import expert_input
+    from mixtral_quant.loading import load_layer
+    from mixtral_quant.model import Expert
+
+    cfg = load_config(DEFAULT_MODEL)
+    with CheckpointReader(DEFAULT_MODEL) as reader:
+        layer = load_layer(reader, cfg, 1, keep_linears_stored=True)
+    lq = LayerQuantizer(layer, cfg, load_recipe("gptq-w4g128", samples=4, seq_len=64), torch.device("cpu"), chunk=3)
+    h = torch.randn(7, 64, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
+    moe = layer.block_sparse_moe
+    assert moe is not None
+    for linear, inputs in (("w1", expert_input), ("w2", Expert.hidden)):
+        hooked = lq.inputs.capture(h, {str(e): getattr(x, linear) for e, x in enumerate(moe.experts)}, moe)
+        calls: list[int] = []
+        handles = [x.w1.register_forward_hook(lambda *_, e=e, c=calls: c.append(e)) for e, x in enumerate(moe.experts)]
+        direct = lq.inputs.capture_routed(h, [1, 4], inputs)
+        for handle in handles:
+            handle.remove()
+        assert sorted(direct) == ["1", "4"]
+        assert set(calls) == ({1, 4} if linear == "w2" else set())  # only the experts asked for run
+        for e in ("1", "4"):
+            assert direct[e].count == hooked[e].count > 0
+            assert torch.equal(direct[e].hessian, hooked[e].hessian)
 
 
 @pytest.mark.parametrize("recipe", ["gptq-w4g128", "gptq-w3g128"])

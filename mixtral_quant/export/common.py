@@ -30,6 +30,7 @@ from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import CheckpointError
 from mixtral_quant.export.graph import GraphBuilder
 from mixtral_quant.quant import MethodName, QuantConfig, get_method, read_quantization_config
+from mixtral_quant.quant.base import method_class
 from mixtral_quant.quant.block_form import BlockQuant, Bnb4, GridSignature
 from mixtral_quant.stored_linear import quantized_tensors
 
@@ -162,6 +163,12 @@ def bnb4(lin: LinearWeights) -> Bnb4 | None:
     """The linear as MatMulBnb4 takes it (the method's ``bnb4_form``); None when it has no such form."""
     form = method_form(lin, "bnb4_form")
     return None if form is None else form(lin.tensors)
+
+
+def codebook(q: QuantConfig | None) -> bool:
+    """Whether the method of ``q`` stores codes on a codebook (``bnb4_form``: NF4 / FP4), which QMoE cannot
+    run: its experts are re-quantized (:func:`requantize`, ``--nf4-experts``) or exported float."""
+    return q is not None and hasattr(method_class(q.method_name), "bnb4_form")
 
 
 def requantize(lin: LinearWeights, bits: int, block: int) -> BlockQuant:

@@ -41,6 +41,7 @@ from mixtral_quant.export.common import (
     block_quant,
     block_signature,
     bnb4,
+    codebook,
     float_matmul,
     matmul_block,
     requantize,
@@ -49,7 +50,6 @@ from mixtral_quant.export.common import (
     shared_block,
 )
 from mixtral_quant.export.graph import GraphBuilder
-from mixtral_quant.quant import MethodName
 from mixtral_quant.quant.block_form import BlockQuant
 from mixtral_quant.quant.packing import pack_uint4_low_first
 
@@ -209,7 +209,7 @@ def plan_experts(ctx: ExportContext, layer: int) -> ExpertPlan | None:
     cfg, q = ctx.cfg, ctx.quant
     if q is None:
         return None
-    if q.method is MethodName.NF4:
+    if codebook(q):
         grid = ctx.nf4_experts.grid
         if grid is None or cfg.hidden_size % grid[1] or cfg.intermediate_size % grid[1]:
             return None
@@ -239,7 +239,7 @@ def expert_form(ctx: ExportContext, layer: int, expert: int, name: str, block: i
     o, i = expert_shapes(ctx.cfg)[name]
     lin = ctx.linear(expert_prefix(layer, expert, name), o, i)
     grid = ctx.nf4_experts.grid
-    if lin.quant is not None and lin.quant.method is MethodName.NF4 and grid is not None:
+    if codebook(lin.quant) and grid is not None:
         return requantize(lin, *grid).at(block)
     form = block_quant(lin)
     assert form is not None, "plan_experts admitted a linear with no block form"
