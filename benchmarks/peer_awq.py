@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +48,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from benchmarks.peer_gptqmodel import _cpu_workers, hub_name
+from benchmarks.peer_gptqmodel import _cpu_workers, hub_name, run_child
 from mixtral_quant.calibrate import calibration_tokens
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 from mixtral_quant.hf_tokenizer import write_tokenizer_files
@@ -239,19 +238,8 @@ def build_awq_peer(out: Path, samples: int, model: Path = DEFAULT_MODEL, recipe:
 
     Raises ImportError when gptqmodel is not installed, RuntimeError (with its last error line) when it fails.
     """
-    import importlib.util
-
-    if importlib.util.find_spec("gptqmodel") is None:
-        raise ImportError("No module named 'gptqmodel'")
     saved = out.parent / f"{out.name}-gptqmodel"
-    cmd = [sys.executable, "-m", "benchmarks.peer_awq", "--model", str(model), "--out", str(saved),
-           "--samples", str(samples), "--recipe", recipe]  # fmt: skip
-    env = {**os.environ, "GPTQMODEL_CPU_WORKERS": _cpu_workers()}
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root, env=env)
-    if done.returncode:
-        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"GPTQModel AWQ quantization exited {done.returncode}: {lines[-1] if lines else '?'}")
+    run_child("benchmarks.peer_awq", model, saved, samples, recipe, "GPTQModel AWQ quantization")
     return to_hub_folder(saved, model, out)
 
 

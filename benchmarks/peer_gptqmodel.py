@@ -155,20 +155,27 @@ def build_peer(work: Path, samples: int, model: Path = DEFAULT_MODEL, recipe: st
 
     Raises ImportError when gptqmodel is not installed, RuntimeError (with its last error line) when it fails.
     """
+    saved = work / f"gptqmodel-saved-{recipe}"
+    run_child("benchmarks.peer_gptqmodel", model, saved, samples, recipe, "GPTQModel quantization")
+    return to_hub_folder(saved, model, work / f"gptqmodel-{recipe}")
+
+
+def run_child(module: str, model: Path, out: Path, samples: int, recipe: str, what: str) -> None:
+    """``python -m module --model --out --samples --recipe`` in a child interpreter (GPTQModel patches
+    transformers for the rest of its process). ImportError when gptqmodel is not installed,
+    RuntimeError with the child's last error line when it fails."""
     import importlib.util
 
     if importlib.util.find_spec("gptqmodel") is None:
         raise ImportError("No module named 'gptqmodel'")
-    saved = work / f"gptqmodel-saved-{recipe}"
-    cmd = [sys.executable, "-m", "benchmarks.peer_gptqmodel", "--model", str(model), "--out", str(saved),
-           "--samples", str(samples), "--recipe", recipe]  # fmt: skip
+    cmd = [sys.executable, "-m", module, "--model", str(model), "--out", str(out), "--samples", str(samples),
+           "--recipe", recipe]  # fmt: skip
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": _cpu_workers()}
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=root, env=env)
     if done.returncode:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
-        raise RuntimeError(f"GPTQModel quantization exited {done.returncode}: {lines[-1] if lines else '?'}")
-    return to_hub_folder(saved, model, work / f"gptqmodel-{recipe}")
+        raise RuntimeError(f"{what} exited {done.returncode}: {lines[-1] if lines else '?'}")
 
 
 def main(argv: list[str] | None = None) -> int:
