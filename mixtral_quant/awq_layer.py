@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mixtral_quant.layer_inputs import expert_input
 from mixtral_quant.model import Expert
 from mixtral_quant.quant.awq import ScaleGroup, channel_rms, search_scale
 from mixtral_quant.quant.awq_fold import fold_norm, fold_up_down, fold_value_output
@@ -55,7 +56,7 @@ def fold_experts(q: LayerQuantizer, mlp_in: torch.Tensor, fake_quant: Any) -> to
     layer, moe = q.layer, q.layer.block_sparse_moe
     assert moe is not None
     experts: list[Expert] = list(moe.experts)  # type: ignore[arg-type]
-    routed = q.inputs.capture_routed(mlp_in, list(range(len(experts))), lambda _expert, x: x)
+    routed = q.inputs.capture_routed(mlp_in, list(range(len(experts))), expert_input)
     groups = [_group([experts[int(e)].w1.weight, experts[int(e)].w3.weight], acc) for e, acc in routed.items()]
     every = q.inputs.hessian_of(mlp_in, lambda x: x)
     s, alpha, _ = search_scale(groups, channel_rms(every.hessian), fake_quant)
