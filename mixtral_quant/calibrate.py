@@ -26,6 +26,7 @@ from torch import nn
 
 from .awq_layer import fold_attention, fold_experts
 from .config import MixtralConfig
+from .distributed import SINGLE, Ranks
 from .errors import MixtralQuantError
 from .layer_inputs import LayerInputs, expert_input
 from .model import DecoderLayer, Expert
@@ -92,6 +93,17 @@ class LayerReport:
     awq_alpha: dict[str, float] = field(default_factory=dict)  # AWQ folding point -> the alpha its search chose
 
 
+@dataclass
+class Quantized:
+    """What quantizing some linears of a layer produced: their stored tensors and report entries; the
+    unit a rank hands the others in an expert-parallel run."""
+
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # linear -> suffix -> tensor
+    errors: dict[str, float] = field(default_factory=dict)
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    damp: dict[str, float] = field(default_factory=dict)
+
+
 HESSIAN_BUDGET = 1 << 30  # bytes of expert Hessians captured in one pass (Mixtral-8x7B's w2: 822 MB each)
 
 
@@ -105,11 +117,17 @@ class LayerQuantizer:
     shapes the eight w2 Hessians (14336 x 14336 float32) would otherwise take 6.6 GB at once; with
     the default 1 GiB, one is held per pass (all eight w1/w3 Hessians, 67 MB each, in one). Each
     expert's inputs do not depend on the other experts' w2, so any grouping gives the same bytes.
+
+    Expert-parallel (``ranks`` of a torch.distributed run): expert ``e`` (w1/w3, then w2) belongs to
+    rank ``e % world``, the attention projections (or a dense MLP) to rank ``layer % world``; the owner
+    captures the Hessians and quantizes, then hands its :class:`Quantized` to every rank, which installs
+    it. Every rank runs the rest (AWQ's scale search, token counts, the layer's outputs) itself, so the
+    bytes are those of one process at the same thread count.
     """
 
     def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
-                 chunk: int = 8, hessian_budget: int = HESSIAN_BUDGET) -> None:
-        self.layer, self.cfg, self.recipe, self.device = layer, cfg, recipe, device
+                 chunk: int = 8, hessian_budget: int = HESSIAN_BUDGET, ranks: Ranks = SINGLE) -> None:
+        self.layer, self.cfg, self.recipe, self.device, self.ranks = layer, cfg, recipe, device, ranks
         self.inputs = LayerInputs(layer, cfg, device, chunk)
         self.hessian_budget = hessian_budget
         self.method: Method = get_method(recipe.quant)
@@ -118,16 +136,25 @@ class LayerQuantizer:
         self.report = LayerReport(layer.self_attn.layer_idx)
 
     # -- quantizing one linear ----------------------------------------------------------------------
-    def quantize(self, names: list[str], hessian: HessianAccumulator | None, fallback: str | None = None) -> None:
+    def quantize(self, names: list[str], hessian: HessianAccumulator | None, fallback: str | None = None
+                 ) -> Quantized:  # fmt: skip
         """Quantize linears that share one input (q/k/v, an expert's w1/w3) and install them. GPTQ
         takes them as one stacked matrix (one Cholesky, one sweep: the same codes as one by one).
         ``fallback``: the expert policy's note for a linear that does not get its own routed tokens'
         Hessian; with no Hessian at all the method takes its own fallback and the note says why."""
+        done = self.compute(names, hessian, fallback)
+        self.apply(done)
+        return done
+
+    def compute(self, names: list[str], hessian: HessianAccumulator | None, fallback: str | None = None
+                ) -> Quantized:  # fmt: skip
+        """The stored tensors and report entries of ``names`` (see :meth:`quantize`), nothing installed."""
         modules = [self._linear(n) for n in names]
         method = self.method
+        done = Quantized()
         note = fallback if fallback is not None and method.needs_hessian else None
         if note is not None:
-            self.report.fallbacks.update(dict.fromkeys(names, note))
+            done.fallbacks.update(dict.fromkeys(names, note))
         h = hessian.hessian if hessian is not None else None
         stacked = getattr(method, "quantize_stacked", None)
         if stacked is not None and h is not None and len(names) > 1:
@@ -140,28 +167,33 @@ class LayerQuantizer:
                 results = [method.quantize(m.weight.data.float(), h) if method.needs_hessian
                            else method.quantize(m.weight.data.float()) for m in modules]  # fmt: skip
         for name, module, result in zip(names, modules, results, strict=True):
-            self._install(name, module, method, result, h)
+            if result.info.get("fallback"):
+                done.fallbacks[name] = str(result.info["fallback"])
+            if "damp_percent" in result.info and float(result.info["damp_percent"]) > self.recipe.quant.damp_percent:
+                done.damp[name] = float(result.info["damp_percent"])
+            done.errors[name] = relative_error(module.weight.data, dequantized_rows(method, result.tensors), h)
+            done.tensors[name] = {k: t.detach().cpu() for k, t in result.tensors.items()}
             if note is not None and h is None:  # the policy's reason, not the method's "no Hessian"
-                self.report.fallbacks[name] = note
+                done.fallbacks[name] = note
+        return done
+
+    def apply(self, done: Quantized) -> None:
+        """Record quantized linears (computed here or on another rank) and put their runtime modules in
+        the layer."""
+        self.report.fallbacks.update(done.fallbacks)
+        self.report.damp.update(done.damp)
+        self.report.errors.update(done.errors)
+        for name, tensors in done.tensors.items():
+            module = self._linear(name)
+            for suffix, t in tensors.items():
+                self.tensors[f"{name}.{suffix}"] = t
+            runtime = self.method.make_module(tensors, module.in_features, module.out_features).to(self.device)
+            self.layer.set_submodule(name, runtime)
 
     def _linear(self, name: str) -> nn.Linear:
         module = self.layer.get_submodule(name)
         assert isinstance(module, nn.Linear)
         return module
-
-    def _install(self, name: str, module: nn.Linear, method: Method, result: QuantResult,
-                 h: torch.Tensor | None) -> None:  # fmt: skip
-        """Record one quantized linear (fallback, damping, output error, tensors) and put its runtime
-        module in the layer."""
-        if result.info.get("fallback"):
-            self.report.fallbacks[name] = str(result.info["fallback"])
-        if "damp_percent" in result.info and float(result.info["damp_percent"]) > self.recipe.quant.damp_percent:
-            self.report.damp[name] = float(result.info["damp_percent"])
-        self.report.errors[name] = relative_error(module.weight.data, dequantized_rows(method, result.tensors), h)
-        for suffix, t in result.tensors.items():
-            self.tensors[f"{name}.{suffix}"] = t.detach().cpu()
-        runtime = method.make_module(result.tensors, module.in_features, module.out_features).to(self.device)
-        self.layer.set_submodule(name, runtime)
 
     # -- the layer ----------------------------------------------------------------------------------
     def run(self, h: torch.Tensor) -> torch.Tensor:
@@ -171,11 +203,7 @@ class LayerQuantizer:
         if self.recipe.quantizes("attention"):
             if fake_quant is not None:
                 fold_attention(self, h, fake_quant)
-            qkv = self.inputs.hessian_of(h, self.layer.input_layernorm) if hessians else None
-            self.quantize([f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], qkv)
-            o = self.layer.self_attn.o_proj
-            acc = self.inputs.capture(h, {"o": o}, self.inputs.attn_out)["o"] if hessians else None
-            self.quantize(["self_attn.o_proj"], acc)
+            self.owned_by_layer(partial(self.quantize_attention, h, hessians), "attention")
         # the MLP's inputs, once per stage: attention is final from here on
         mlp_in = torch.cat(self.inputs.each_chunk(h, self.inputs.mlp_input))
         self.count_tokens(mlp_in)
@@ -185,11 +213,29 @@ class LayerQuantizer:
                     mlp_in = fold_experts(self, mlp_in, fake_quant)  # the inputs under the folded norm
                 self.quantize_experts(mlp_in, hessians)
             else:
-                self.quantize_dense_mlp(mlp_in, hessians)
+                self.owned_by_layer(partial(self.quantize_dense_mlp, mlp_in, hessians), "the MLP")
         del mlp_in
         out = torch.cat(self.inputs.each_chunk(h, lambda x: self.layer(x, self.inputs.ctx(x.shape[0], x.shape[1]))[0]))
         self.report.seconds = time.time() - t0
         return out
+
+    def owned_by_layer(self, work: Callable[[], list[Quantized]], what: str) -> None:
+        """Run ``work`` (which quantizes and installs) on the rank that owns this layer's ``what``; the
+        others install what it hands them."""
+        owner = self.ranks.owner(self.report.layer)
+        done = work() if self.ranks.mine(self.report.layer) else None
+        shared = self.ranks.share(done, owner, f"handing out layer {self.report.layer}'s {what}")
+        if not self.ranks.mine(self.report.layer):
+            for part in shared:
+                self.apply(part)
+
+    def quantize_attention(self, h: torch.Tensor, hessians: bool) -> list[Quantized]:
+        """q/k/v from the layer's inputs, then o from the quantized q/k/v's attention output."""
+        qkv = self.inputs.hessian_of(h, self.layer.input_layernorm) if hessians else None
+        done = [self.quantize([f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], qkv)]
+        o = self.layer.self_attn.o_proj
+        acc = self.inputs.capture(h, {"o": o}, self.inputs.attn_out)["o"] if hessians else None
+        return [*done, self.quantize(["self_attn.o_proj"], acc)]
 
     def count_tokens(self, mlp_in: torch.Tensor) -> None:
         moe = self.layer.block_sparse_moe
@@ -218,25 +264,38 @@ class LayerQuantizer:
         source, notes = expert_sources(self.report.tokens_per_expert, h.shape[0] * h.shape[1],
                                        self.recipe.experts, hessians)
 
-        shared = self.inputs.hessian_of(h, _same) if HessianSource.ALL_TOKENS in source.values() else None
-        routed = [e for e in range(len(experts)) if source[e] is HessianSource.ROUTED]
+        mine = [e for e in range(len(experts)) if self.ranks.mine(e)]
+        all_tokens = any(source[e] is HessianSource.ALL_TOKENS for e in mine)
+        shared = self.inputs.hessian_of(h, _same) if all_tokens else None
+        routed = [e for e in mine if source[e] is HessianSource.ROUTED]
         captured: dict[str, HessianAccumulator] = {}
-        for e in range(len(experts)):
+        up: dict[int, Quantized] = {}
+        for e in mine:
             if source[e] is HessianSource.ROUTED and str(e) not in captured:
                 captured = self._capture_group(h, experts, routed, e, "w1")
             acc = shared if source[e] is HessianSource.ALL_TOKENS else captured.pop(str(e), None)
-            self.quantize([f"block_sparse_moe.experts.{e}.{w}" for w in ("w1", "w3")], acc, notes[e])
+            up[e] = self.quantize([f"block_sparse_moe.experts.{e}.{w}" for w in ("w1", "w3")], acc, notes[e])
         del shared
-        for e, expert in enumerate(experts):
+        down: dict[int, Quantized] = {}
+        for e in mine:
             if source[e] is HessianSource.ROUTED and str(e) not in captured:
                 captured = self._capture_group(h, experts, routed, e, "w2")
             if source[e] is HessianSource.ALL_TOKENS:
-                acc = self.inputs.hessian_of(h, expert.hidden)
+                acc = self.inputs.hessian_of(h, experts[e].hidden)
             else:
                 acc = captured.pop(str(e), None)
-            self.quantize([f"block_sparse_moe.experts.{e}.w2"], acc, notes[e])
+            down[e] = self.quantize([f"block_sparse_moe.experts.{e}.w2"], acc, notes[e])
             del acc
+        if self.ranks.world > 1:
+            self.apply_others(self.ranks.gather((up, down), f"gathering layer {self.report.layer}'s experts"))
 
+    def apply_others(self, parts: list[tuple[dict[int, Quantized], dict[int, Quantized]]]) -> None:
+        """Install the experts the other ranks quantized: every w1/w3, then every w2, in expert order."""
+        theirs = [p for r, p in enumerate(parts) if r != self.ranks.rank]
+        for stage in (0, 1):
+            done = {e: d for p in theirs for e, d in p[stage].items()}
+            for e in sorted(done):
+                self.apply(done[e])
     def _capture_group(self, h: torch.Tensor, experts: list[Expert], routed: list[int], first: int,
                        linear: str) -> dict[str, HessianAccumulator]:  # fmt: skip
         """Hessians of ``linear`` for ``first`` and the routed experts after it, as many as fit in the
@@ -247,14 +306,14 @@ class LayerQuantizer:
         inputs = expert_input if linear == "w1" else Expert.hidden
         return self.inputs.capture_routed(h, routed[start : start + per_pass], inputs)
 
-    def quantize_dense_mlp(self, h: torch.Tensor, hessians: bool) -> None:
+    def quantize_dense_mlp(self, h: torch.Tensor, hessians: bool) -> list[Quantized]:
         """gate/up, then down, of a dense MLP whose input (after the post-attention norm) is ``h``."""
         mlp = self.layer.mlp
         assert mlp is not None
         acc = self.inputs.hessian_of(h, _same) if hessians else None
-        self.quantize(["mlp.gate_proj", "mlp.up_proj"], acc)
+        done = [self.quantize(["mlp.gate_proj", "mlp.up_proj"], acc)]
         down = self.inputs.capture(h, {"d": mlp.down_proj}, mlp)["d"] if hessians else None
-        self.quantize(["mlp.down_proj"], down)
+        return [*done, self.quantize(["mlp.down_proj"], down)]
 
 
 def _same(x: torch.Tensor) -> torch.Tensor:

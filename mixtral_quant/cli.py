@@ -115,13 +115,25 @@ def quantize(
     Weights stream from disk one decoder layer at a time; the router, embeddings, lm_head and
     norms stay 16-bit. The artifact (Hugging Face layout, loadable by this tool, and by GPTQModel /
     vLLM for GPTQ or transformers for bitsandbytes) appears at OUT only when complete.
+
+    \b
+    Expert-parallel over processes or GPUs (torch.distributed; gloo on CPU, NCCL on CUDA):
+      torchrun --nproc-per-node 2 -m mixtral_quant quantize --recipe gptq-w4g128 --out exports/gptq
+    Each rank quantizes the experts e with e % N == rank; rank 0 writes. The bytes equal a
+    one-process run's at torchrun's one thread per process. MIXTRAL_QUANT_TIMEOUT (seconds, default
+    600) bounds every wait for another rank; after a failure, rerun with --resume.
     """
+    from .distributed import ranks_from_env
     from .pipeline import quantize_model
     from .recipe import load_recipe
     from .summary import quantize_summary
 
     r = load_recipe(recipe, bits=bits, group_size=group_size, samples=samples, seq_len=seq_len)
-    path = quantize_model(model, r, out, resolve_device(device), resume=resume, overwrite=overwrite, progress=not quiet)
+    dev = resolve_device(device)
+    ranks = ranks_from_env(dev)  # under torchrun: this process's rank; rank 0 writes and prints
+    path = quantize_model(model, r, out, dev, resume=resume, overwrite=overwrite, progress=not quiet, ranks=ranks)
+    if not ranks.main:
+        return
     if not quiet:
         click.echo(quantize_summary(path, model))
     click.echo(f"wrote {path}")

@@ -15,7 +15,7 @@ import ctypes
 import gc
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ from .artifact import (
 )
 from .calibrate import LayerQuantizer, LayerReport, calibration_tokens
 from .checkpoint import INDEX_FILE, CheckpointReader, load_config, quantization_config, resolve_model
-from .config import read_config_json
+from .config import MixtralConfig, read_config_json
+from .distributed import Ranks, ranks_from_env
 from .errors import IntegrityError, MixtralQuantError
 from .hf_tokenizer import write_tokenizer_files
 from .loading import check_checkpoint, load_layer
@@ -73,23 +74,73 @@ def quantize_model(
     progress: bool = True,
     chunk: int = 8,
     stop_after: int | None = None,
+    ranks: Ranks | None = None,
 ) -> Path:
     """Quantize every expert and attention projection of MODEL with RECIPE into the artifact OUT.
 
     Bad input fails before anything is written; a full disk fails with the finished layers kept
-    in ``<out>.partial`` for ``resume``.
+    in ``<out>.partial`` for ``resume``. Under torchrun (``ranks`` None: from the environment) the
+    experts of each layer are spread over the ranks (:class:`LayerQuantizer`) and rank 0 alone checks
+    the output, writes and resumes; the artifact has the bytes of a one-process run at the same
+    thread count per process (torchrun's default: 1).
     """
-    with run_errors(out), output_lock(out):
-        return _quantize(model, recipe, out, device, resume, overwrite, progress, chunk, stop_after)
+    ranks = ranks if ranks is not None else ranks_from_env(device)
+    lock = output_lock(out) if ranks.main else contextlib.nullcontext()
+    with run_errors(out), lock:
+        return _quantize(model, recipe, out, device, resume, overwrite, progress and ranks.main, chunk, stop_after,
+                         ranks)
 
 
 def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch.device, resume: bool,
-              overwrite: bool, progress: bool, chunk: int, stop_after: int | None) -> Path:
+              overwrite: bool, progress: bool, chunk: int, stop_after: int | None, ranks: Ranks) -> Path:
     src = resolve_model(model)
+    cfg = load_config(src)
+    reader = CheckpointReader(src)
+    run = ranks.from_main(lambda: _prepare(src, cfg, reader, recipe, out, resume, overwrite), "checking the inputs")
+    work, state = run.work, run.state
+    done, h = run.layers_done, run.h
+    bar = tqdm(range(done, cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
+               initial=done, total=cfg.num_hidden_layers, disable=not progress)
+    for i in bar:
+        layer = load_layer(reader, cfg, i, torch.float32, device, keep_linears_stored=True)
+        lq = LayerQuantizer(layer, cfg, recipe, device, chunk, ranks=ranks)
+        assert h is not None
+        h = lq.run(h)
+        if ranks.main:
+            _commit_layer(reader, work, state, i, layer, lq, h, cfg.num_hidden_layers)
+        ranks.barrier(f"committing layer {i}")  # --resume continues from what rank 0 committed
+        bar.set_postfix(err=f"{_mean(lq.report.errors):.2e}", s=f"{lq.report.seconds:.1f}")
+        del layer, lq
+        give_back_freed_memory()
+        if stop_after is not None and i + 1 >= stop_after:
+            raise MixtralQuantError(f"stopped after layer {i + 1} as asked; continue with --resume")
+    reader.close()
+
+    def finished() -> Path:
+        finish(src, work, recipe, cfg.num_hidden_layers, run.identity, state, time.time() - run.started)
+        return publish(work, out)
+
+    return ranks.from_main(finished, "finishing the artifact")
+
+
+@dataclass
+class _Start:
+    """Where a run starts: rank 0's work folder, state and identity; every rank's first layer and its inputs."""
+
+    work: Path
+    state: dict[str, Any]
+    identity: dict[str, Any]
+    layers_done: int
+    h: torch.Tensor | None
+    started: float
+
+
+def _prepare(src: Path, cfg: MixtralConfig, reader: CheckpointReader, recipe: Recipe, out: Path, resume: bool,
+             overwrite: bool) -> _Start:  # fmt: skip
+    """Check every input, prepare ``<out>.partial`` and read back an interrupted run's commit point."""
     check_output(out, overwrite, resume, src)
     if quantization_config(src):
         raise MixtralQuantError(f"{src} is already quantized: quantize from the 16-bit checkpoint")
-    cfg = load_config(src)
     check = recipe.quant.validate_shape  # (in_features, out_features) of each kind of linear
     check(cfg.hidden_size, cfg.intermediate_size)
     check(cfg.intermediate_size, cfg.hidden_size)
@@ -99,7 +150,6 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         raise MixtralQuantError(f"{src} has no tokenizer.model: calibration text must be tokenized with the "
                                 "model's own tokenizer; copy it into the folder")
     tok = Tokenizer(src)
-    reader = CheckpointReader(src)
     check_checkpoint(reader, cfg)  # every tensor there, shaped, float and finite, before anything is written
     t_start = time.time()
     # Everything read from the source that changes the artifact's bytes: weights, config, tokenizer and
@@ -120,6 +170,7 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     if resume and (work / STATE).is_file():
         state = read_layer_state(work, identity, n_shards)
     done = int(state["layers_done"])
+    h = None
     if done == 0:
         head = {n: reader.get(n) for n in reader.names if not n.startswith("model.layers.")}
         save_atomic(head, work / shard_name(1, n_shards))
@@ -128,40 +179,33 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         h = torch.nn.functional.embedding(tokens, reader.get("model.embed_tokens.weight", torch.float32))
     elif done < cfg.num_hidden_layers:  # a run stopped while finishing has no activations left, nor needs them
         h = load_file(str(work / f"activations-{done}.safetensors"))["h"]
-    bar = tqdm(range(done, cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
-               initial=done, total=cfg.num_hidden_layers, disable=not progress)
-    for i in bar:
-        layer = load_layer(reader, cfg, i, torch.float32, device, keep_linears_stored=True)
-        lq = LayerQuantizer(layer, cfg, recipe, device, chunk)
-        h = lq.run(h)
-        prefix = f"model.layers.{i}."
-        quantized = {prefix + k: v for k, v in lq.tensors.items()}
-        replaced = {k.rsplit(".", 1)[0] for k in lq.tensors}
-        # float tensors the method changed (AWQ's folded norms and router), in their stored dtype
-        changed = {prefix + n: layer.get_parameter(n).detach().cpu().to(reader.get(prefix + n).dtype)
-                   for n in sorted(lq.changed)}  # fmt: skip
-        kept = {n: reader.get(n) for n in reader.names
-                if n.startswith(prefix) and n[len(prefix):].rsplit(".", 1)[0] not in replaced and n not in changed}
-        save_atomic({**kept, **changed, **quantized}, work / shard_name(i + 2, n_shards))
-        del kept, quantized
-        save_atomic({"h": h.contiguous()}, work / f"activations-{i + 1}.safetensors")
-        state["files"][shard_name(i + 2, n_shards)] = sha256_file(work / shard_name(i + 2, n_shards))
-        state["files"].pop(f"activations-{i}.safetensors", None)
-        if i + 1 < cfg.num_hidden_layers:  # the next layer's inputs; the last layer's outputs are not needed
-            act = f"activations-{i + 1}.safetensors"
-            state["files"][act] = sha256_file(work / act)
-        state["layers_done"] = i + 1
-        state["reports"].append(asdict(lq.report))
-        write_json(work / STATE, state)
-        (work / f"activations-{i}.safetensors").unlink(missing_ok=True)
-        bar.set_postfix(err=f"{_mean(lq.report.errors):.2e}", s=f"{lq.report.seconds:.1f}")
-        del layer, lq
-        give_back_freed_memory()
-        if stop_after is not None and i + 1 >= stop_after:
-            raise MixtralQuantError(f"stopped after layer {i + 1} as asked; continue with --resume")
-    reader.close()
-    finish(src, work, recipe, cfg.num_hidden_layers, identity, state, time.time() - t_start)
-    return publish(work, out)
+    return _Start(work, state, identity, done, h, t_start)
+
+
+def _commit_layer(reader: CheckpointReader, work: Path, state: dict[str, Any], i: int, layer: torch.nn.Module,
+                  lq: LayerQuantizer, h: torch.Tensor, n_layers: int) -> None:  # fmt: skip
+    """Write layer ``i``'s shard and the next layer's inputs, then the commit point ``state.json``."""
+    n_shards = n_layers + 1
+    prefix = f"model.layers.{i}."
+    quantized = {prefix + k: v for k, v in lq.tensors.items()}
+    replaced = {k.rsplit(".", 1)[0] for k in lq.tensors}
+    # float tensors the method changed (AWQ's folded norms and router), in their stored dtype
+    changed = {prefix + n: layer.get_parameter(n).detach().cpu().to(reader.get(prefix + n).dtype)
+               for n in sorted(lq.changed)}  # fmt: skip
+    kept = {n: reader.get(n) for n in reader.names
+            if n.startswith(prefix) and n[len(prefix):].rsplit(".", 1)[0] not in replaced and n not in changed}
+    save_atomic({**kept, **changed, **quantized}, work / shard_name(i + 2, n_shards))
+    del kept, quantized
+    save_atomic({"h": h.contiguous()}, work / f"activations-{i + 1}.safetensors")
+    state["files"][shard_name(i + 2, n_shards)] = sha256_file(work / shard_name(i + 2, n_shards))
+    state["files"].pop(f"activations-{i}.safetensors", None)
+    if i + 1 < n_layers:  # the next layer's inputs; the last layer's outputs are not needed
+        act = f"activations-{i + 1}.safetensors"
+        state["files"][act] = sha256_file(work / act)
+    state["layers_done"] = i + 1
+    state["reports"].append(asdict(lq.report))
+    write_json(work / STATE, state)
+    (work / f"activations-{i}.safetensors").unlink(missing_ok=True)
 
 
 def read_layer_state(work: Path, identity: dict[str, Any], n_shards: int) -> dict[str, Any]:
