@@ -176,14 +176,22 @@ def eval_cmd(
     max_tokens: int | None, device: str, report_dir: Path | None, check: Path | None, layer_sequential: bool | None,
     no_verify: bool,
 ) -> None:
-    """Perplexity, KL, router agreement, memory and speed of VARIANTS against the 16-bit baseline."""
+    """Perplexity, KL, router agreement, memory and speed of VARIANTS against the 16-bit baseline.
+
+    \b
+    Under torchrun the windows are divided among the ranks and their sums gathered in window order:
+      torchrun --nproc-per-node 2 -m mixtral_quant eval exports/gptq --report exports/report
+    """
     from .checkpoint import resolve_model
+    from .distributed import ranks_from_env
     from .eval.report import markdown
     from .eval.runner import evaluate
 
+    ranks = ranks_from_env(resolve_device(device))  # under torchrun: windows divided among the ranks
     report = evaluate(list(variants), resolve_model(baseline), dataset, ctx, stride, device, report_dir, check,
-                      layer_sequential, no_verify=no_verify, max_tokens=max_tokens)
-    click.echo(markdown(report))
+                      layer_sequential, no_verify=no_verify, max_tokens=max_tokens, ranks=ranks)
+    if ranks.main:
+        click.echo(markdown(report))
 
 
 @cli.group()

@@ -56,16 +56,25 @@ def expert_sets(router_logits: torch.Tensor, top_k: int) -> torch.Tensor:
     return torch.topk(router_logits.float(), top_k, dim=-1).indices.sort(dim=-1).values
 
 
+@dataclass(frozen=True)
+class WindowComparison:
+    """One window's sums: KL (nats), top-1 changes, positions, router agreements per MoE layer."""
+
+    begin: int
+    kl: float
+    changed: int
+    tokens: int
+    agree: tuple[int, ...]
+
+
 class ComparisonAccumulator:
-    """Adds up the comparison of one window's outputs at a time."""
+    """Adds up the comparison of one window's outputs at a time; each window's sums are kept
+    (``parts``) and added in window order, so windows compared on several ranks (:meth:`combine`)
+    give the same floats as one process comparing them all."""
 
     def __init__(self, top_k: int | None) -> None:
         self.top_k = top_k
-        self.kl = 0.0
-        self.changed = 0
-        self.tokens = 0
-        self.windows = 0
-        self.agree: list[int] = []
+        self.parts: list[WindowComparison] = []
 
     def add(self, base: WindowOutput, var: WindowOutput) -> None:
         if base.window != var.window:
@@ -77,33 +86,41 @@ class ComparisonAccumulator:
             )
         rows = base.window.scored_rows()
         b, v = base.logits[rows], var.logits[rows].to(base.logits.device)  # [n, V]
-        self.kl += float(kl_divergence(b, v).double().sum())
-        self.changed += int((b.argmax(-1) != v.argmax(-1)).sum())
-        self.tokens += b.shape[0]
-        self.windows += 1
-        if self.top_k is None:
-            return
-        if len(base.router_logits) != len(var.router_logits):
-            raise MixtralQuantError(
-                f"baseline has {len(base.router_logits)} MoE layers, variant {len(var.router_logits)}"
-            )
-        if not self.agree:
-            self.agree = [0] * len(base.router_logits)
-        for layer, (rb, rv) in enumerate(zip(base.router_logits, var.router_logits, strict=True)):
-            sb = expert_sets(rb[rows], self.top_k)
-            sv = expert_sets(rv[rows].to(rb.device), self.top_k)
-            self.agree[layer] += int((sb == sv).all(-1).sum())
+        kl = float(kl_divergence(b, v).double().sum())
+        changed = int((b.argmax(-1) != v.argmax(-1)).sum())
+        agree: list[int] = []
+        if self.top_k is not None:
+            if len(base.router_logits) != len(var.router_logits):
+                raise MixtralQuantError(
+                    f"baseline has {len(base.router_logits)} MoE layers, variant {len(var.router_logits)}"
+                )
+            for rb, rv in zip(base.router_logits, var.router_logits, strict=True):
+                sb = expert_sets(rb[rows], self.top_k)
+                sv = expert_sets(rv[rows].to(rb.device), self.top_k)
+                agree.append(int((sb == sv).all(-1).sum()))
+        self.parts.append(WindowComparison(base.window.begin, kl, changed, b.shape[0], tuple(agree)))
+
+    def combine(self, parts: Iterable[list[WindowComparison]]) -> None:
+        """Take every rank's windows (``parts`` of each, in any order) in place of this one's."""
+        self.parts = sorted((p for ps in parts for p in ps), key=lambda p: p.begin)
 
     def result(self) -> Comparison:
-        if self.tokens == 0:
+        kl, changed, tokens = 0.0, 0, 0
+        agree: list[int] = []
+        for p in sorted(self.parts, key=lambda p: p.begin):
+            kl += p.kl
+            changed += p.changed
+            tokens += p.tokens
+            agree = [a + b for a, b in zip(agree, p.agree, strict=True)] if agree else list(p.agree)
+        if tokens == 0:
             raise MixtralQuantError("nothing was compared: the dataset produced no scored tokens")
-        agreement = [a / self.tokens for a in self.agree] if self.top_k is not None else None
+        agreement = [a / tokens for a in agree] if self.top_k is not None else None
         return Comparison(
-            kl_mean=self.kl / self.tokens,
-            top1_changed=self.changed / self.tokens,
+            kl_mean=kl / tokens,
+            top1_changed=changed / tokens,
             router_agreement=agreement,
-            tokens=self.tokens,
-            windows=self.windows,
+            tokens=tokens,
+            windows=len(self.parts),
         )
 
 

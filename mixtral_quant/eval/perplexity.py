@@ -106,28 +106,35 @@ class PerplexityResult:
 
 
 class NLLAccumulator:
-    """Sums the negative log-likelihood of each window's scored targets (in float64)."""
+    """Sums the negative log-likelihood of each window's scored targets (in float64).
+
+    Each window's sum is kept (``parts``) and added up in window order by :meth:`result`, so windows
+    scored on several ranks (:meth:`combine`) give the same float as one process scoring them all."""
 
     def __init__(self, tokens: torch.Tensor) -> None:
         self.tokens = tokens
-        self.nll = 0.0
-        self.count = 0
-        self.windows = 0
+        self.parts: list[tuple[int, float, int]] = []  # per window: (begin, nll sum, tokens scored)
 
     def add(self, out: WindowOutput) -> None:
         w = out.window
         logits = out.logits[w.scored_rows()].float()  # [n, V]
         targets = self.tokens[w.score_from : w.end].to(logits.device)
-        self.nll += float(F.cross_entropy(logits, targets, reduction="sum").double())
-        self.count += w.n_scored
-        self.windows += 1
+        self.parts.append((w.begin, float(F.cross_entropy(logits, targets, reduction="sum").double()), w.n_scored))
+
+    def combine(self, parts: Iterable[list[tuple[int, float, int]]]) -> None:
+        """Take every rank's windows (``parts`` of each, in any order) in place of this one's."""
+        self.parts = sorted(p for ps in parts for p in ps)
 
     def result(self, ctx: int, stride: int, layer_sequential: bool) -> PerplexityResult:
+        nll, count = 0.0, 0
+        for _, part, n in sorted(self.parts):
+            nll += part
+            count += n
         return PerplexityResult(
-            ppl=math.exp(self.nll / self.count),
-            nll_sum=self.nll,
-            tokens_scored=self.count,
-            windows=self.windows,
+            ppl=math.exp(nll / count),
+            nll_sum=nll,
+            tokens_scored=count,
+            windows=len(self.parts),
             ctx=ctx,
             stride=stride,
             bos=BOS_HANDLING,

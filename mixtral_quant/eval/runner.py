@@ -34,6 +34,7 @@ from mixtral_quant.artifact import check_source
 from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization_config
 from mixtral_quant.config import MixtralConfig, function_differences
 from mixtral_quant.device import resolve_device
+from mixtral_quant.distributed import SINGLE, Ranks, ranks_from_env
 from mixtral_quant.errors import CheckpointError, MixtralQuantError
 from mixtral_quant.eval.compare import Comparison, ComparisonAccumulator
 from mixtral_quant.eval.data import load_dataset, tokenizer_for
@@ -245,6 +246,7 @@ def evaluate(
     dtype: torch.dtype = torch.float32,
     no_verify: bool = False,
     max_tokens: int | None = None,
+    ranks: Ranks | None = None,
 ) -> EvalReport:
     """Evaluate ``variants`` against ``baseline`` (model folders); see the module docstring.
 
@@ -252,8 +254,15 @@ def evaluate(
     the dataset (its first N tokens, BOS included). Reports are written to ``report_dir``
     when given; with ``check`` (a bounds TOML) a violated bound raises :class:`RegressionError`
     after the reports are written.
+
+    Under torchrun (``ranks`` None: from the environment) the windows are divided among the ranks
+    (window ``k`` on rank ``k % world``) and each model's speed is measured by rank ``index % world``;
+    every window's sums are gathered and added in window order, so the report's figures are those of
+    one process at the same thread count. Rank 0 writes the reports.
     """
     dev = resolve_device(device)
+    ranks = ranks if ranks is not None else ranks_from_env(dev)
+    progress = progress and ranks.main
     variants, baseline = [Path(v) for v in variants], Path(baseline)
     names = _unique_names(variants, baseline)
     base_cfg = load_config(baseline)
@@ -278,14 +287,20 @@ def evaluate(
     if layer_sequential is None:
         free = free_bytes(dev)
         layer_sequential = sum(_weights_bytes(f, dtype) for f in folders) > FIT_SHARE * free
-    run = _Run(data.tokens, windows, ctx, stride or ctx, dev, dtype, layer_sequential, progress)
+    run = _Run(data.tokens, windows[ranks.rank :: ranks.world], ctx, stride or ctx, dev, dtype, layer_sequential,
+               progress)  # fmt: skip
     bar = tqdm(folders, desc="loading", unit="model", disable=not progress)
     models = []
-    for folder in bar:
+    for k, folder in enumerate(bar):
         bar.set_postfix_str(folder.name)
-        models.append(_load(folder, run))
+        models.append(_load(folder, run, measure=ranks.mine(k)))
+    if ranks.world > 1:  # each model's speed and peak from the rank that measured it
+        measured = ranks.gather({k: (m.peak, m.speed) for k, m in enumerate(models) if ranks.mine(k)},
+                                "gathering the speed measurements")
+        for k, m in enumerate(models):
+            m.peak, m.speed = measured[ranks.owner(k)][k]
     with PeakMemory(dev) as pass_peak:
-        ppls, comparisons = _lockstep(models, run)
+        ppls, comparisons = _lockstep(models, run, ranks)
     results = [
         _result(m, ppl, ppl.ppl / ppls[0].ppl, cmp, pass_peak.result)
         for m, ppl, cmp in zip(models, ppls, [None, *comparisons], strict=True)
@@ -303,21 +318,23 @@ def evaluate(
             "dtype": str(dtype).removeprefix("torch."),
             "layer_sequential": layer_sequential,
             "torch": torch.__version__,
+            "ranks": ranks.world,
         },
         baseline=results[0],
         variants=results[1:],
     )
     if bounds is not None:
         report.gate = bound_results(report, bounds)
-    if report_dir is not None:
+    if report_dir is not None and ranks.main:
         write_reports(report, Path(report_dir))
     if report.gate is not None and not all(r.passed for r in report.gate):
         raise RegressionError(report.gate, report)
     return report
 
 
-def _load(folder: Path, run: _Run) -> _Loaded:
-    """A model ready for the lockstep pass; in plain mode its speed and the peak of load + speed."""
+def _load(folder: Path, run: _Run, measure: bool = True) -> _Loaded:
+    """A model ready for the lockstep pass; in plain mode (and ``measure``) its speed and the peak of
+    load + speed."""
     vocab, top = load_config(folder).vocab_size, int(run.tokens.max())
     if top >= vocab:
         raise MixtralQuantError(f"{folder} has a {vocab}-token vocabulary, the tokenizer yields id {top}")
@@ -325,13 +342,14 @@ def _load(folder: Path, run: _Run) -> _Loaded:
         return _Loaded(folder.name, folder, None, CheckpointLayers(folder, run.dtype))
     with PeakMemory(run.device) as peak:
         model = load_model(folder, dtype=run.dtype, device=run.device, no_verify=True)  # verified up front
-        speed = measure_speed(model, run.tokens, run.ctx, run.device)
-    return _Loaded(folder.name, folder, model, None, peak.result, speed)
+        speed = measure_speed(model, run.tokens, run.ctx, run.device) if measure else None
+    return _Loaded(folder.name, folder, model, None, peak.result if measure else None, speed)
 
 
-def _lockstep(models: list[_Loaded], run: _Run) -> tuple[list[PerplexityResult], list[Comparison]]:
-    """One pass over the windows: each model's forward once per window, the baseline (``models[0]``)
-    compared with every variant on the same logits."""
+def _lockstep(models: list[_Loaded], run: _Run, ranks: Ranks = SINGLE
+              ) -> tuple[list[PerplexityResult], list[Comparison]]:  # fmt: skip
+    """One pass over this rank's windows: each model's forward once per window, the baseline
+    (``models[0]``) compared with every variant on the same logits; then every rank's window sums."""
     moe = models[0].cfg.moe
     router = moe is not None and len(models) > 1
     streams = [m.outputs(run, router) for m in models]
@@ -343,6 +361,12 @@ def _lockstep(models: list[_Loaded], run: _Run) -> tuple[list[PerplexityResult],
             acc.add(out)
         for c, out in zip(cmp, outs[1:], strict=True):
             c.add(outs[0], out)
+    if ranks.world > 1:
+        everyone = ranks.gather(([a.parts for a in nll], [c.parts for c in cmp]), "gathering the window sums")
+        for k, a in enumerate(nll):
+            a.combine(parts[0][k] for parts in everyone)
+        for k, c in enumerate(cmp):
+            c.combine(parts[1][k] for parts in everyone)
     return [a.result(run.ctx, run.stride, run.layer_sequential) for a in nll], [c.result() for c in cmp]
 
 
