@@ -10,7 +10,8 @@ AWQ vs round-to-nearest, AWQ + GPTQ vs GPTQ, ours vs GPTQModel's AWQ, on wiki-te
 same for the shipped GPTQ recipe; full mode only, about 15 minutes) and decode
 (prefill / decode tokens/s: onnxruntime exports, ours, transformers) and gguf (our GPTQ Q4_0 and Q4_K GGUFs vs
 llama-quantize Q4_0 / Q4_K_M with an importance matrix, scored by llama-perplexity and by our eval;
-needs scripts/build_llama_cpp.sh). Prints the table and writes
+needs scripts/build_llama_cpp.sh) and distributed (torchrun 2 ranks x 1 thread vs 1 process x 2 threads:
+quantize and eval of the tiny model). Prints the table and writes
 benchmarks/results/latest.json and latest.md. Timings live here, never in tests.
 """
 
@@ -28,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import awq, decode, gguf, memory, quality, quant_speed
+from benchmarks import awq, decode, distributed, gguf, memory, quality, quant_speed
 from benchmarks.table import Row, earlier_rows, machine, plain, write
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("quality", "awq", "quant-speed", "memory", "memory-gptq", "decode", "gguf")
+SECTIONS = ("quality", "awq", "quant-speed", "memory", "memory-gptq", "decode", "gguf", "distributed")
 SECTION_NAMES = {
     "quality": quality.SECTION,
     "awq": awq.SECTION,
@@ -42,6 +43,7 @@ SECTION_NAMES = {
     "memory-gptq": memory.SECTION_GPTQ,
     "decode": decode.SECTION,
     "gguf": gguf.SECTION,
+    "distributed": distributed.SECTION,
 }
 
 
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += decode.run(work / "decode", work / "quality", args.quick, _say)
         if "gguf" in args.sections:
             rows += gguf.run(work / "gguf", args.quick, _say)
+        if "distributed" in args.sections:
+            rows += distributed.run(work / "distributed", args.quick, _say)
     notes += [f"at end: {n}" for n in _other_load()]
     meta = {
         "mode": "quick" if args.quick else "full",

@@ -18,6 +18,7 @@ last layer rank 0 committed.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -139,4 +140,12 @@ def ranks_from_env(device: torch.device) -> Ranks:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RankError(f"could not join the {world}-rank process group ({first[:200]}): "
                             "launch with torchrun") from None
+    signal.signal(signal.SIGTERM, _terminated)
     return Ranks(dist.get_rank(), dist.get_world_size())
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    """torchrun ends every rank with SIGTERM when one fails: say so in one line, not a traceback."""
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    raise RankError(f"rank {rank} stopped by {signal.Signals(signum).name}: the launcher ends every rank when one "
+                    "fails (its report names the rank); finished layers are kept: rerun with --resume")

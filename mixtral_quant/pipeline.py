@@ -108,7 +108,6 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         h = lq.run(h)
         if ranks.main:
             _commit_layer(reader, work, state, i, layer, lq, h, cfg.num_hidden_layers)
-        ranks.barrier(f"committing layer {i}")  # --resume continues from what rank 0 committed
         bar.set_postfix(err=f"{_mean(lq.report.errors):.2e}", s=f"{lq.report.seconds:.1f}")
         del layer, lq
         give_back_freed_memory()
