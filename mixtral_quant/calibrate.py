@@ -121,8 +121,9 @@ class LayerQuantizer:
     Expert-parallel (``ranks`` of a torch.distributed run): expert ``e`` (w1/w3, then w2) belongs to
     rank ``e % world``, the attention projections (or a dense MLP) to rank ``layer % world``; the owner
     captures the Hessians and quantizes, then hands its :class:`Quantized` to every rank, which installs
-    it. Every rank runs the rest (AWQ's scale search, token counts, the layer's outputs) itself, so the
-    bytes are those of one process at the same thread count.
+    it. The MoE block's inputs and the layer's outputs are computed a chunk of sequences per rank and
+    gathered; AWQ's scale search and the token counts run on every rank. The bytes are those of one
+    process at the same thread count.
     """
 
     def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
@@ -205,7 +206,7 @@ class LayerQuantizer:
                 fold_attention(self, h, fake_quant)
             self.owned_by_layer(partial(self.quantize_attention, h, hessians), "attention")
         # the MLP's inputs, once per stage: attention is final from here on
-        mlp_in = torch.cat(self.inputs.each_chunk(h, self.inputs.mlp_input))
+        mlp_in = self.spread(h, self.inputs.mlp_input, "the MoE block's inputs")
         self.count_tokens(mlp_in)
         if self.recipe.quantizes("experts"):
             if self.layer.block_sparse_moe is not None:
@@ -215,9 +216,20 @@ class LayerQuantizer:
             else:
                 self.owned_by_layer(partial(self.quantize_dense_mlp, mlp_in, hessians), "the MLP")
         del mlp_in
-        out = torch.cat(self.inputs.each_chunk(h, lambda x: self.layer(x, self.inputs.ctx(x.shape[0], x.shape[1]))[0]))
+        out = self.spread(h, lambda x: self.layer(x, self.inputs.ctx(x.shape[0], x.shape[1]))[0], "outputs")
         self.report.seconds = time.time() - t0
         return out
+
+    def spread(self, h: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], what: str) -> torch.Tensor:
+        """``fn`` over the chunks of ``h``, concatenated; with several ranks chunk ``j`` is computed on rank
+        ``j % world`` and every rank gets them all (the same chunks as one process: the same bytes)."""
+        if self.ranks.world == 1:
+            return torch.cat(self.inputs.each_chunk(h, fn))
+        size = self.inputs.chunk
+        starts = range(0, h.shape[0], size)
+        mine = {j: fn(h[s : s + size].to(self.device)).to("cpu") for j, s in enumerate(starts) if self.ranks.mine(j)}
+        everyone = self.ranks.gather(mine, f"gathering layer {self.report.layer}'s {what}")
+        return torch.cat([everyone[self.ranks.owner(j)][j] for j in range(len(starts))])
 
     def owned_by_layer(self, work: Callable[[], list[Quantized]], what: str) -> None:
         """Run ``work`` (which quantizes and installs) on the rank that owns this layer's ``what``; the
