@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import partial
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,7 +44,7 @@ def calibration_tokens(recipe: Recipe, tokenizer: Tokenizer) -> torch.Tensor:
     path = cal.path()
     if not path.is_file():
         raise MixtralQuantError(f"calibration corpus {cal.corpus!r} not found (no {path})")
-    ids = torch.tensor(tokenizer.encode(read_text(path, "calibration corpus")), dtype=torch.int64)
+    ids = corpus_ids(path, tokenizer)
     windows = len(ids) // cal.seq_len
     if windows < cal.samples:
         raise MixtralQuantError(
@@ -53,6 +54,21 @@ def calibration_tokens(recipe: Recipe, tokenizer: Tokenizer) -> torch.Tensor:
     gen = torch.Generator().manual_seed(cal.seed)
     pick = torch.randperm(windows, generator=gen)[: cal.samples].sort().values
     return torch.stack([ids[w * cal.seq_len : (w + 1) * cal.seq_len] for w in pick.tolist()])
+
+
+_CORPUS_IDS: dict[tuple[str, int, int, str, bytes], torch.Tensor] = {}
+
+
+def corpus_ids(path: Path, tokenizer: Tokenizer) -> torch.Tensor:
+    """The token ids of a calibration text, tokenized once per process for each (file, its size and
+    modification time, tokenizer) and kept: a run of several recipes (demo, benchmarks) reads the
+    corpus once. The most recent text only, so memory holds one corpus."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(tokenizer.path), tokenizer.path.read_bytes())
+    if key not in _CORPUS_IDS:
+        _CORPUS_IDS.clear()
+        _CORPUS_IDS[key] = torch.tensor(tokenizer.encode(read_text(path, "calibration corpus")), dtype=torch.int64)
+    return _CORPUS_IDS[key]
 
 
 class HessianSource(str, Enum):

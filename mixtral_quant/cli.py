@@ -7,6 +7,7 @@ Errors print as one line (``error: ...``) with exit status 1; ``--debug`` shows 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -41,6 +42,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
       mixtral-quant export gguf exports/gptq --type q4_0 --out exports/gptq.gguf
     """
     ctx.obj = {"debug": debug}
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1" and ctx.invoked_subcommand not in ("quantize", "eval"):
+        raise MixtralQuantError(f"{ctx.invoked_subcommand} runs in one process, not under torchrun "
+                                f"(WORLD_SIZE={world}); quantize and eval spread over ranks")
 
 
 @cli.command()

@@ -192,3 +192,12 @@ def test_single_rank_collectives_are_the_identity():
     assert SINGLE.from_main(lambda: 7, "x") == 7
     assert [Ranks(1, 2).mine(e) for e in range(4)] == [False, True, False, True]
     assert Ranks(0, 3).owner(7) == 1
+
+
+def test_commands_that_do_not_spread_refuse_torchrun():
+    done = subprocess.run([sys.executable, "-m", "mixtral_quant", "export", "gguf", "--out", "x.gguf"],
+                          env={**os.environ, "WORLD_SIZE": "2"}, capture_output=True, text=True, check=False)
+    assert done.returncode == 1
+    assert _our_lines(done.stderr) == ["error: export runs in one process, not under torchrun (WORLD_SIZE=2); "
+                                       "quantize and eval spread over ranks"]
+    assert not Path("x.gguf").exists()
