@@ -128,6 +128,10 @@ class LayerQuantizer:
     quantized from (the expert policy, the Hessian budget), quantizes it, installs its runtime module
     and reports; running the layer and capturing Hessians is :class:`LayerInputs`' job (``inputs``).
 
+    A layer may come without its experts' weights (``fetch`` reads them): each expert's float weights
+    are then read just before it is quantized and dropped once it is, so the layer is never whole in
+    memory (a rank reads only its own experts).
+
     Expert Hessians are captured a group of experts per pass over the activations, as many as fit
     in ``hessian_budget`` bytes, and freed once their experts are quantized: at Mixtral-8x7B's
     shapes the eight w2 Hessians (14336 x 14336 float32) would otherwise take 6.6 GB at once; with
@@ -143,8 +147,10 @@ class LayerQuantizer:
     """
 
     def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
-                 chunk: int = 8, hessian_budget: int = HESSIAN_BUDGET, ranks: Ranks = SINGLE) -> None:
+                 chunk: int = 8, hessian_budget: int = HESSIAN_BUDGET, ranks: Ranks = SINGLE,
+                 fetch: Callable[[list[str]], None] | None = None) -> None:  # fmt: skip
         self.layer, self.cfg, self.recipe, self.device, self.ranks = layer, cfg, recipe, device, ranks
+        self.fetch = fetch  # reads linears the layer was loaded without (still on the meta device)
         self.inputs = LayerInputs(layer, cfg, device, chunk)
         self.hessian_budget = hessian_budget
         self.method: Method = get_method(recipe.quant)
@@ -166,6 +172,10 @@ class LayerQuantizer:
     def compute(self, names: list[str], hessian: HessianAccumulator | None, fallback: str | None = None
                 ) -> Quantized:  # fmt: skip
         """The stored tensors and report entries of ``names`` (see :meth:`quantize`), nothing installed."""
+        unread = [n for n in names if self._linear(n).weight.is_meta]
+        if unread:
+            assert self.fetch is not None, f"{unread} were never read"
+            self.fetch(unread)
         modules = [self._linear(n) for n in names]
         method = self.method
         done = Quantized()

@@ -9,6 +9,7 @@ randomly initialised weight.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -180,11 +181,14 @@ class StoredLinear(nn.Linear):
 def load_layer(
     reader: CheckpointReader, cfg: MixtralConfig, i: int, dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu", keep_linears_stored: bool = False,
+    defer: Callable[[str], bool] | None = None,
 ) -> DecoderLayer:
     """Decoder layer i of a float checkpoint, strictly (every tensor present, shaped, finite, used).
 
     With ``keep_linears_stored`` a linear stored narrower than ``dtype`` stays as stored, a
-    :class:`StoredLinear` that computes in ``dtype``; norms are always ``dtype``.
+    :class:`StoredLinear` that computes in ``dtype``; norms are always ``dtype``. A linear for which
+    ``defer(name)`` holds is not read: its weight stays on the meta device until
+    :func:`load_linears` reads it (quantization reads each expert just before its turn).
     """
     with torch.device("meta"):
         layer = DecoderLayer(cfg, i)
@@ -195,9 +199,30 @@ def load_layer(
     if unexpected:
         raise CheckpointError(f"{reader.folder} holds tensors the config has no place for: {prefix}{unexpected[0]}")
     linears = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    deferred = {n for n in linears if defer is not None and defer(n)}
+    state = {rel: shape for rel, shape in expected.items() if rel.rsplit(".", 1)[0] not in deferred}
+    _load_into(reader, layer, prefix, state, linears, dtype, device, keep_linears_stored)
+    unread = sorted({n.rsplit(".", 1)[0] for n, t in layer.state_dict().items() if t.is_meta} - deferred)
+    assert not unread, unread
+    return layer.requires_grad_(False).eval()
+
+
+def load_linears(reader: CheckpointReader, layer: DecoderLayer, names: list[str], dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu", keep_linears_stored: bool = False) -> None:  # fmt: skip
+    """Read the linears ``names`` of a layer that :func:`load_layer` deferred (checked the same way)."""
+    prefix = f"model.layers.{layer.self_attn.layer_idx}."
+    shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    state = {rel: shapes[rel] for rel in shapes if rel.rsplit(".", 1)[0] in names}
+    _load_into(reader, layer, prefix, state, set(names), dtype, device, keep_linears_stored)
+    layer.requires_grad_(False)
+
+
+def _load_into(reader: CheckpointReader, layer: nn.Module, prefix: str, shapes: dict[str, tuple[int, ...]],
+               linears: set[str], dtype: torch.dtype, device: torch.device | str, keep_linears_stored: bool
+               ) -> None:  # fmt: skip
     state = {}
     narrow: list[str] = []
-    for rel, shape in expected.items():
+    for rel, shape in shapes.items():
         t = _checked(reader, prefix + rel, shape, reader.folder)
         module = rel.rsplit(".", 1)[0]
         if keep_linears_stored and module in linears and t.element_size() < dtype.itemsize:
@@ -206,7 +231,7 @@ def load_layer(
         else:
             state[rel] = t.to(device=device, dtype=dtype)
         del t
-    layer.load_state_dict(state, assign=True)
+    layer.load_state_dict(state, assign=True, strict=False)
     for name in narrow:
         old = layer.get_submodule(name)
         assert isinstance(old, nn.Linear)
@@ -214,4 +239,3 @@ def load_layer(
             new = StoredLinear(old.in_features, old.out_features, bias=old.bias is not None)
         new.weight, new.bias = old.weight, old.bias
         layer.set_submodule(name, new)
-    return layer.requires_grad_(False).eval()

@@ -16,6 +16,7 @@ import gc
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from .config import MixtralConfig, read_config_json
 from .distributed import Ranks, ranks_from_env
 from .errors import IntegrityError, MixtralQuantError
 from .hf_tokenizer import write_tokenizer_files
-from .loading import check_checkpoint, load_layer
+from .loading import check_checkpoint, load_layer, load_linears
 from .quant import get_method
 from .recipe import Recipe
 from .tokenizer import Tokenizer
@@ -101,9 +102,14 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     done, h = run.layers_done, run.h
     bar = tqdm(range(done, cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
                initial=done, total=cfg.num_hidden_layers, disable=not progress)
+    # The experts' float weights are read one expert at a time as they are quantized, unless the method
+    # looks at all of them first (AWQ's shared scale search) or they are kept as they are.
+    lazy = recipe.quantizes("experts") and getattr(get_method(recipe.quant), "fake_quant", None) is None
     for i in bar:
-        layer = load_layer(reader, cfg, i, torch.float32, device, keep_linears_stored=True)
-        lq = LayerQuantizer(layer, cfg, recipe, device, chunk, ranks=ranks)
+        layer = load_layer(reader, cfg, i, torch.float32, device, keep_linears_stored=True,
+                           defer=_is_expert_linear if lazy else None)  # fmt: skip
+        fetch = partial(load_linears, reader, layer, dtype=torch.float32, device=device, keep_linears_stored=True)
+        lq = LayerQuantizer(layer, cfg, recipe, device, chunk, ranks=ranks, fetch=fetch)
         assert h is not None
         h = lq.run(h)
         if ranks.main:
@@ -120,6 +126,10 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         return publish(work, out)
 
     return ranks.from_main(finished, "finishing the artifact")
+
+
+def _is_expert_linear(name: str) -> bool:
+    return name.startswith("block_sparse_moe.experts.")
 
 
 @dataclass

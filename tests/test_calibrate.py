@@ -182,6 +182,39 @@ def test_expert_hessians_captured_in_budgeted_groups_give_the_same_bytes(monkeyp
     assert t_a.keys() == t_b.keys() and all(torch.equal(t_a[k], t_b[k]) for k in t_a)
 
 
+@pytest.mark.parametrize("recipe", ["gptq-w4g128", "nf4"])
+def test_experts_are_read_one_at_a_time_and_give_the_bytes_of_a_whole_layer(recipe, tmp_path, monkeypatch):
+    """quantize reads an expert's float weights just before quantizing it: at no point are two experts'
+    float weights in memory (a Mixtral-8x7B layer is then never whole: 2.9 GB in bf16), and the artifact
+    has the bytes of a run that loads each layer whole."""
+    from torch.nn import Linear
+
+    from mixtral_quant import pipeline
+    from mixtral_quant.calibrate import LayerQuantizer
+    from mixtral_quant.loading import StoredLinear
+
+    most: list[int] = []
+    compute = LayerQuantizer.compute
+
+    def watched(self, names, hessian, fallback=None):
+        done = compute(self, names, hessian, fallback)  # read and quantized, not yet replaced
+        floats = [n for n, m in self.layer.named_modules() if ".experts." in n and type(m) in (Linear, StoredLinear)
+                  and not m.weight.is_meta]  # fmt: skip
+        most.append(len({n.rsplit(".", 1)[0] for n in floats}))
+        return done
+
+    monkeypatch.setattr(LayerQuantizer, "compute", watched)
+    r = load_recipe(recipe, samples=4, seq_len=64)
+    lazy = quantize_model(DEFAULT_MODEL, r, tmp_path / "lazy", progress=False)
+    assert most and max(most) == 1  # the expert being quantized, nothing more
+    monkeypatch.setattr(pipeline, "_is_expert_linear", lambda name: False)
+    most.clear()
+    whole = quantize_model(DEFAULT_MODEL, r, tmp_path / "whole", progress=False)
+    assert max(most) == 8  # every expert was read with its layer
+    for shard in sorted(whole.glob("model-*.safetensors")):
+        assert (lazy / shard.name).read_bytes() == shard.read_bytes()
+
+
 def test_routed_inputs_are_what_hooks_on_the_running_moe_see():
     """capture_routed computes each expert's inputs (w1's and w2's) from the router's choice without
     running the other experts: its Hessians equal, bit for bit, those of hooks on the experts while
