@@ -334,6 +334,7 @@ class LayerQuantizer:
             done = {e: d for p in theirs for e, d in p[stage].items()}
             for e in sorted(done):
                 self.apply(done[e])
+
     def _capture_group(self, h: torch.Tensor, experts: list[Expert], routed: list[int], first: int,
                        linear: str) -> dict[str, HessianAccumulator]:  # fmt: skip
         """Hessians of ``linear`` for ``first`` and the routed experts after it, as many as fit in the

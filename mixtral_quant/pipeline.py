@@ -95,9 +95,9 @@ def quantize_model(
 def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch.device, resume: bool,
               overwrite: bool, progress: bool, chunk: int, stop_after: int | None, ranks: Ranks) -> Path:
     src = resolve_model(model)
+    run = ranks.from_main(lambda: _prepare(src, recipe, out, resume, overwrite), "checking the inputs")
     cfg = load_config(src)
     reader = CheckpointReader(src)
-    run = ranks.from_main(lambda: _prepare(src, cfg, reader, recipe, out, resume, overwrite), "checking the inputs")
     work, state = run.work, run.state
     done, h = run.layers_done, run.h
     bar = tqdm(range(done, cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
@@ -144,12 +144,12 @@ class _Start:
     started: float
 
 
-def _prepare(src: Path, cfg: MixtralConfig, reader: CheckpointReader, recipe: Recipe, out: Path, resume: bool,
-             overwrite: bool) -> _Start:  # fmt: skip
+def _prepare(src: Path, recipe: Recipe, out: Path, resume: bool, overwrite: bool) -> _Start:
     """Check every input, prepare ``<out>.partial`` and read back an interrupted run's commit point."""
     check_output(out, overwrite, resume, src)
     if quantization_config(src):
         raise MixtralQuantError(f"{src} is already quantized: quantize from the 16-bit checkpoint")
+    cfg = load_config(src)
     check = recipe.quant.validate_shape  # (in_features, out_features) of each kind of linear
     check(cfg.hidden_size, cfg.intermediate_size)
     check(cfg.intermediate_size, cfg.hidden_size)
@@ -159,6 +159,12 @@ def _prepare(src: Path, cfg: MixtralConfig, reader: CheckpointReader, recipe: Re
         raise MixtralQuantError(f"{src} has no tokenizer.model: calibration text must be tokenized with the "
                                 "model's own tokenizer; copy it into the folder")
     tok = Tokenizer(src)
+    with CheckpointReader(src) as reader:
+        return _start(src, cfg, reader, recipe, tok, out, resume, overwrite)
+
+
+def _start(src: Path, cfg: MixtralConfig, reader: CheckpointReader, recipe: Recipe, tok: Tokenizer, out: Path,
+           resume: bool, overwrite: bool) -> _Start:  # fmt: skip
     check_checkpoint(reader, cfg)  # every tensor there, shaped, float and finite, before anything is written
     t_start = time.time()
     # Everything read from the source that changes the artifact's bytes: weights, config, tokenizer and
