@@ -137,6 +137,7 @@ def quantize(
     dev = resolve_device(device)
     ranks = ranks_from_env(dev)  # under torchrun: this process's rank; rank 0 writes and prints
     path = quantize_model(model, r, out, dev, resume=resume, overwrite=overwrite, progress=not quiet, ranks=ranks)
+    ranks.close()
     if not ranks.main:
         return
     if not quiet:
@@ -195,6 +196,7 @@ def eval_cmd(
     ranks = ranks_from_env(resolve_device(device))  # under torchrun: windows divided among the ranks
     report = evaluate(list(variants), resolve_model(baseline), dataset, ctx, stride, device, report_dir, check,
                       layer_sequential, no_verify=no_verify, max_tokens=max_tokens, ranks=ranks)
+    ranks.close()
     if ranks.main:
         click.echo(markdown(report))
 

@@ -98,6 +98,12 @@ class Ranks:
         if self.world > 1:
             _collective(dist.barrier, what)
 
+    def close(self) -> None:
+        """Leave the process group after a finished command (NCCL warns at exit otherwise)."""
+        if self.world > 1 and dist.is_initialized():
+            self.barrier("finishing")
+            dist.destroy_process_group()
+
 
 SINGLE = Ranks()
 
