@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from benchmarks.peer_gptqmodel import _cpu_workers, hub_name, run_child
 from mixtral_quant.calibrate import calibration_tokens
-from mixtral_quant.checkpoint import DEFAULT_MODEL
+from mixtral_quant.checkpoint import DEFAULT_MODEL, write_float_folder
 from mixtral_quant.hf_tokenizer import write_tokenizer_files
 from mixtral_quant.recipe import Recipe, load_recipe
 from mixtral_quant.tokenizer import Tokenizer
@@ -124,17 +124,8 @@ def to_hub_folder(saved: Path, model: Path, out: Path) -> Path:
     qc = json.loads((saved / "quantize_config.json").read_text())
     weights = float_weights(saved_tensors(saved), int(qc["group_size"]), int(qc["bits"]))
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    save_file({hub_name(n): t for n, t in sorted(weights.items())}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})  # fmt: skip
-    config = json.loads((model / "config.json").read_text())
-    config.pop("dtype", None)
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in SOURCE_FILES:
-        if (model / name).is_file():
-            shutil.copyfile(model / name, out / name)
+    write_float_folder(out, {hub_name(n): t for n, t in sorted(weights.items())}, model, SOURCE_FILES,
+                       drop=("dtype", "quantization_config"))  # fmt: skip
     shutil.copyfile(saved / "quantize_config.json", out / PEER_QC_FILE)
     for name in ("quant_log.csv", RUN_FILE):
         if (saved / name).is_file():

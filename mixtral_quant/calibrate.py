@@ -56,15 +56,14 @@ def calibration_tokens(recipe: Recipe, tokenizer: Tokenizer) -> torch.Tensor:
     return torch.stack([ids[w * cal.seq_len : (w + 1) * cal.seq_len] for w in pick.tolist()])
 
 
-_CORPUS_IDS: dict[tuple[str, int, int, str, bytes], torch.Tensor] = {}
+_CORPUS_IDS: dict[tuple[tuple[str, int, int], ...], torch.Tensor] = {}
 
 
 def corpus_ids(path: Path, tokenizer: Tokenizer) -> torch.Tensor:
-    """The token ids of a calibration text, tokenized once per process for each (file, its size and
-    modification time, tokenizer) and kept: a run of several recipes (demo, benchmarks) reads the
+    """The token ids of a calibration text, tokenized once per process for each text and tokenizer file
+    (path, size and modification time) and kept: a run of several recipes (demo, benchmarks) reads the
     corpus once. The most recent text only, so memory holds one corpus."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(tokenizer.path), tokenizer.path.read_bytes())
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in (path, tokenizer.path))
     if key not in _CORPUS_IDS:
         _CORPUS_IDS.clear()
         _CORPUS_IDS[key] = torch.tensor(tokenizer.encode(read_text(path, "calibration corpus")), dtype=torch.int64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -233,6 +234,23 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], folder: Pat
     """CheckpointError when a tensor read by :meth:`CheckpointReader.get` (finite already) is mis-shaped."""
     if tuple(t.shape) != shape:
         raise CheckpointError(f"tensor {name} in {folder} has shape {tuple(t.shape)}, the config needs {shape}")
+
+
+def write_float_folder(out: Path, tensors: dict[str, torch.Tensor], template: Path, copied: Iterable[str],
+                       drop: Iterable[str] = ("quantization_config",)) -> Path:
+    """A float32 model folder ``out``: ``tensors`` as model.safetensors, ``template``'s config.json without
+    the keys ``drop`` and with ``torch_dtype`` float32, and the ``copied`` files ``template`` has."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((template / "config.json").read_text())
+    for key in drop:
+        config.pop(key, None)
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for name in copied:
+        if (template / name).is_file():
+            shutil.copyfile(template / name, out / name)
+    return out
 
 
 def write_checkpoint(

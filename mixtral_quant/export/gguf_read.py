@@ -4,14 +4,11 @@ llama-quantize's) with our own eval, and to check an export against its source."
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import gguf
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from mixtral_quant.config import MixtralConfig
 from mixtral_quant.errors import MixtralQuantError
@@ -50,18 +47,8 @@ def gguf_weights(path: Path, cfg: MixtralConfig) -> dict[str, np.ndarray]:
 def gguf_to_folder(path: Path, template: Path, out: Path) -> Path:
     """Write the GGUF ``path`` as a float32 model folder ``out`` (config and tokenizer from ``template``;
     the folder is float, so the template's quantization_config is left out)."""
-    from mixtral_quant.checkpoint import load_config
+    from mixtral_quant.checkpoint import load_config, write_float_folder
 
-    cfg = load_config(template)
-    weights = gguf_weights(path, cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    weights = gguf_weights(path, load_config(template))
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in weights.items()}
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((template / "config.json").read_text())
-    config.pop("quantization_config", None)
-    config["torch_dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    for name in COPIED:
-        if (template / name).is_file():
-            shutil.copyfile(template / name, out / name)
-    return out
+    return write_float_folder(out, tensors, template, COPIED)
