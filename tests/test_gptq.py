@@ -211,12 +211,17 @@ def test_stored_shapes_and_dtypes(layer: tuple[torch.Tensor, ...], bits: int, gr
     assert sorted(method.tensor_names()) == sorted(expected)
 
 
-def test_module_runs_the_stored_weight(layer: tuple[torch.Tensor, ...]) -> None:
+@pytest.mark.parametrize("bits", [3, 4])
+def test_module_runs_the_stored_weight(layer: tuple[torch.Tensor, ...], bits: int) -> None:
+    """The runtime module computes with the stored weight (3-bit codes repacked whole in memory, 10 per
+    word) and gives back the stored bytes: state_dict() equals the quantizer's tensors exactly."""
     weight, x, hessian = layer
-    method = get_method(_cfg(bits=3))
+    method = get_method(_cfg(bits=bits))
     tensors = method.quantize(weight, hessian).tensors
     module = method.make_module(tensors, IN, OUT)
-    assert sorted(module.state_dict()) == sorted(tensors)
+    state = module.state_dict()
+    assert sorted(state) == sorted(tensors) and all(torch.equal(state[k], tensors[k]) for k in tensors)
+    assert torch.equal(module.weight_float(), method.dequantize(tensors))
     torch.testing.assert_close(module(x[:8]), x[:8] @ method.dequantize(tensors).t())
     assert module(x[:2].to(torch.bfloat16)).dtype == torch.bfloat16
 
@@ -284,10 +289,12 @@ def test_inverse_cholesky_factor_equals_the_references(layer: tuple[torch.Tensor
 @pytest.mark.parametrize("bits", [3, 4])
 def test_act_order_dynamic_groups_sorted_once_at_load(layer: tuple[torch.Tensor, ...], bits: int) -> None:
     """An act-order weight with dynamic groups (g_idx not i // size): the module sorts its inputs by
-    group once, at load, and runs the stored weight: the same outputs and dequantized weight as the
-    stored tensors, a trivial g_idx inside (no per-call gather of the grid), state_dict unchanged."""
+    group once, at load (its runtime codes are the stored codes in group order: no per-call gather of
+    the grid), with the same outputs and dequantized weight as the stored tensors, and state_dict()
+    gives back the stored bytes exactly."""
     from mixtral_quant.quant.gptq import trivial_group_size
     from mixtral_quant.quant.modules import DequantLinear
+    from mixtral_quant.quant.packing import unpack_qweight, unpack_runtime
 
     weight, x, hessian = layer
     method = get_method(_cfg(bits=bits, group_size=64, act_order=True, static_groups=False))
@@ -295,8 +302,13 @@ def test_act_order_dynamic_groups_sorted_once_at_load(layer: tuple[torch.Tensor,
     assert trivial_group_size(tensors["g_idx"], IN // 64) is None
     module = method.make_module(tensors, IN, OUT)
     assert isinstance(module, DequantLinear)
-    assert module.input_order is not None and trivial_group_size(module.get_buffer("g_idx"), IN // 64) == 64
-    assert sorted(module.state_dict()) == sorted(tensors)
+    order = module.input_order
+    assert order is not None and torch.equal(order, torch.argsort(tensors["g_idx"].long(), stable=True))
+    assert trivial_group_size(tensors["g_idx"][order], IN // 64) == 64
+    runtime = unpack_runtime(module.get_buffer("codes"), bits, IN)
+    assert torch.equal(runtime, unpack_qweight(tensors["qweight"], bits)[order])
+    state = module.state_dict()
+    assert sorted(state) == sorted(tensors) and all(torch.equal(state[k], tensors[k]) for k in tensors)
     deq = method.dequantize(tensors)
     assert torch.equal(module.weight_float(), deq)
     torch.testing.assert_close(module(x[:8]), x[:8] @ deq.t())

@@ -9,9 +9,12 @@ from mixtral_quant.errors import ConfigError
 from mixtral_quant.quant.packing import (
     pack_qweight,
     pack_qzeros,
+    pack_rows,
+    pack_runtime,
     pack_uint4_low_first,
     unpack_qweight,
     unpack_qzeros,
+    unpack_runtime,
     unpack_uint4_low_first,
 )
 
@@ -68,6 +71,23 @@ def test_qweight_round_trip(bits: int, shape: tuple[int, int]) -> None:
     assert packed.dtype == torch.int32
     assert packed.shape == (shape[0] * bits // 32, shape[1])
     assert torch.equal(unpack_qweight(packed, bits), codes)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("shape", [(32, 1), (64, 7), (256, 96), (30, 5), (1, 3)])
+def test_runtime_words_round_trip(bits: int, shape: tuple[int, int]) -> None:
+    """The in-memory form: whole codes per word (10 of 3 bits), exact for any row count, each code at
+    bit ``bits * k`` of its word (checked by a plain loop); for 2, 4 and 8 bits the stored words."""
+    codes = _codes(*shape, bits=bits, seed=shape[0] + bits)
+    words = pack_runtime(codes, bits)
+    c = 32 // bits
+    assert words.shape == (-(-shape[0] // c), shape[1])
+    assert torch.equal(unpack_runtime(words, bits, shape[0]), codes)
+    for i in range(0, shape[0], max(1, shape[0] // 7)):
+        word = int(words[i // c, shape[1] - 1]) & 0xFFFFFFFF
+        assert (word >> (bits * (i % c))) & (2**bits - 1) == int(codes[i, -1])
+    if bits != 3 and shape[0] % c == 0:
+        assert torch.equal(words, pack_rows(codes, bits))
 
 
 @pytest.mark.parametrize("bits", BITS)

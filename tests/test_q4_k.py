@@ -64,6 +64,21 @@ def test_dequantize_equals_gguf_py() -> None:
     assert 0 < rel < 0.1
 
 
+def test_runtime_module_equals_gguf_py() -> None:
+    """The loaded module keeps the grid unpacked beside the blocks (24 bytes per 256 weights): its weight
+    is gguf-py's bit for bit, and state_dict() holds the stored blocks alone."""
+    from mixtral_quant.quant import get_method
+    from mixtral_quant.quant.base import MethodName, QuantConfig
+
+    w = awkward_weights()
+    packed = torch.from_numpy(quantize_q4_k(w))
+    method = get_method(QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=32))
+    module = method.make_module({"q4_k": packed}, w.shape[1], w.shape[0])
+    assert np.array_equal(module.weight_float().numpy(), gguf.quants.dequantize(packed.numpy(), Q4_K))
+    state = module.state_dict()
+    assert list(state) == ["q4_k"] and torch.equal(state["q4_k"], packed)
+
+
 def correlated_inputs(k: int, n: int = 4096, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(k, k, generator=gen) / k**0.5 + torch.eye(k)

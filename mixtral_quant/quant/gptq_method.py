@@ -40,7 +40,14 @@ from mixtral_quant.quant.gptq import (
     unusable_hessian,
 )
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
-from mixtral_quant.quant.packing import pack_qweight, pack_qzeros, unpack_qweight, unpack_qzeros
+from mixtral_quant.quant.packing import (
+    pack_qweight,
+    pack_qzeros,
+    pack_runtime,
+    unpack_qweight,
+    unpack_qzeros,
+    unpack_runtime,
+)
 
 GPTQ_TENSORS = ["qweight", "qzeros", "scales", "g_idx"]
 
@@ -100,9 +107,21 @@ def dequantize_rows(tensors: Mapping[str, torch.Tensor], bits: int, start: int, 
 
 def runtime_dequantize(tensors: Mapping[str, torch.Tensor], bits: int, size: int) -> torch.Tensor:
     """float32 ``[O, I]`` of a weight whose groups are runs of ``size`` inputs, with the zeros already
-    unpacked (``tensors["zeros"]``, float16 ``[G, O]``): the arithmetic of :func:`grouped_dequantize`."""
-    q = unpack_qweight(tensors["qweight"], bits)  # [I, O]
+    unpacked (``tensors["zeros"]``, float16 ``[G, O]``): the arithmetic of :func:`grouped_dequantize`.
+    The codes are ``tensors["codes"]`` (:func:`pack_runtime` words) when the module keeps them so,
+    else the stored ``qweight`` (whole codes per word: the same words)."""
+    words = tensors["codes"] if "codes" in tensors else tensors["qweight"]
+    q = unpack_runtime(words, bits, tensors["scales"].shape[0] * size)  # [I, O]
     return grouped_dequantize(q, tensors["scales"], tensors["zeros"], None, size).t()
+
+
+def _restore_qweight(tensors: Mapping[str, torch.Tensor], bits: int, n: int, inverse: torch.Tensor | None
+                     ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The stored ``qweight`` from a module's runtime codes (rows put back in input order by ``inverse``)."""
+    codes = unpack_runtime(tensors["codes"], bits, n)
+    if inverse is not None:
+        codes = codes.index_select(0, inverse)
+    return {"qweight": pack_qweight(codes, bits)}
 
 
 class GPTQLayout:
@@ -202,20 +221,28 @@ class GPTQLayout:
         require_shape("qzeros", tensors["qzeros"], (groups, out_features * bits // 32))
         require_shape("scales", tensors["scales"], (groups, out_features))
         require_shape("g_idx", tensors["g_idx"], (in_features,))
-        # the zeros unpacked once, here (float16 holds every code exactly): per call only qweight unpacks
+        # the zeros unpacked once, here (float16 holds every code exactly): per call only the codes unpack
         derived = {"zeros": (unpack_qzeros(tensors["qzeros"], bits) + 1).to(torch.float16)}
         size = trivial_group_size(tensors["g_idx"], groups)
-        if size is not None:
-            return DequantLinear(tensors, partial(runtime_dequantize, bits=bits, size=size), in_features,
-                                 out_features, derived=derived)
-        # act-order with dynamic groups: sort the inputs by group once, here, so that every call
-        # broadcasts the grid over whole groups instead of gathering it per input row
-        order = torch.argsort(tensors["g_idx"].to(torch.int64), stable=True)
-        codes = unpack_qweight(tensors["qweight"], bits).index_select(0, order)
-        by_group = {**tensors, "qweight": pack_qweight(codes, bits), "g_idx": tensors["g_idx"].index_select(0, order)}
-        size = in_features // groups
-        return DequantLinear(by_group, partial(runtime_dequantize, bits=bits, size=size), in_features,
-                             out_features, input_order=order, derived=derived)
+        order = None
+        if size is None:
+            # act-order with dynamic groups: the inputs sorted by group once, here, so that every call
+            # broadcasts the grid over whole groups instead of gathering it per input row
+            order = torch.argsort(tensors["g_idx"].to(torch.int64), stable=True)
+            size = in_features // groups
+        dequantize = partial(runtime_dequantize, bits=bits, size=size)
+        if bits != 3 and order is None:  # the stored words are the runtime words
+            return DequantLinear(tensors, dequantize, in_features, out_features, derived=derived)
+        # 3-bit codes straddle words on disk: in memory they are repacked whole, 10 per word (+7 %), so a
+        # call unpacks them with one shift as it does 4-bit codes; state_dict() rebuilds the stored qweight
+        codes = unpack_qweight(tensors["qweight"], bits)
+        inverse = None
+        if order is not None:
+            codes, inverse = codes.index_select(0, order), torch.argsort(order)
+        derived["codes"] = pack_runtime(codes, bits)
+        kept = {k: v for k, v in tensors.items() if k != "qweight"}
+        return DequantLinear(kept, dequantize, in_features, out_features, input_order=order, derived=derived,
+                             restore=partial(_restore_qweight, bits=bits, n=in_features, inverse=inverse))
 
     def quantization_config(self) -> dict[str, Any]:
         """GPTQModel's quantize_config keys (format ``gptq``, v1 zeros)."""

@@ -3,11 +3,14 @@
 :class:`DequantLinear` keeps the stored tensors as buffers (so ``state_dict()`` has exactly the
 on-disk names and ``.to(device)`` moves them) and rebuilds the weight on every call: nothing is
 cached, so memory stays at the quantized size, at the price of one dequantization per forward.
-With ``input_order`` the stored tensors describe the weight's columns in that order (a GPTQ
-act-order weight sorted by group once, at load): the input is permuted to match, one gather of the
-activations per call instead of one of the weight's grid. ``derived`` tensors are small forms of the
-stored ones computed once at load (GPTQ's unpacked zeros), non-persistent buffers that ``state_dict()``
-leaves out but the memory count includes; the dequantizer sees them beside the stored tensors.
+``derived`` tensors are forms of the stored ones computed once at load (GPTQ's unpacked zeros, Q4_K's
+unpacked sub-block scales), non-persistent buffers that ``state_dict()`` leaves out but the memory count
+includes; the dequantizer sees them beside the stored tensors. A stored tensor the module keeps only in
+a derived form (GPTQ codes repacked whole per word, or sorted by group) is rebuilt exactly by
+``restore``: :meth:`DequantLinear.stored` and ``state_dict()`` still give the bytes on disk. With
+``input_order`` the dequantizer's weight has its columns in that order (a GPTQ act-order weight sorted
+by group once, at load): the input is permuted to match, one gather of the activations per call
+instead of one of the weight's grid.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from torch import nn
 from mixtral_quant.errors import CheckpointError
 
 Dequantizer = Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
+Restorer = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
 class DequantLinear(nn.Module):
@@ -34,6 +38,7 @@ class DequantLinear(nn.Module):
         out_features: int,
         input_order: torch.Tensor | None = None,
         derived: Mapping[str, torch.Tensor] | None = None,
+        restore: Restorer | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -42,6 +47,7 @@ class DequantLinear(nn.Module):
         self._names = list(tensors)
         for name, tensor in tensors.items():
             self.register_buffer(name, tensor)
+        self._restore = restore
         self._derived = list(derived or {})
         for name, tensor in (derived or {}).items():
             self.register_buffer(name, tensor, persistent=False)
@@ -49,8 +55,17 @@ class DequantLinear(nn.Module):
         self.register_buffer("input_order", input_order, persistent=False)
 
     def stored(self) -> dict[str, torch.Tensor]:
-        """The stored tensors, on the module's current device."""
-        return {name: self.get_buffer(name) for name in self._names}
+        """The stored tensors, on the module's current device (those kept in a derived form rebuilt)."""
+        out = {name: self.get_buffer(name) for name in self._names}
+        if self._restore is not None:
+            out.update(self._restore(self._inputs()))
+        return out
+
+    def _save_to_state_dict(self, destination: dict[str, torch.Tensor], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._restore is not None:
+            for name, tensor in self._restore(self._inputs()).items():
+                destination[prefix + name] = tensor
 
     def _inputs(self) -> dict[str, torch.Tensor]:
         return {name: self.get_buffer(name) for name in (*self._names, *self._derived)}

@@ -10,6 +10,8 @@ that short table with whole-tensor operations, never a loop over rows.
 
 - ``qweight`` int32 ``[in * bits / 32, out]``: codes packed along the input dimension.
 - ``qzeros`` int32 ``[groups, out * bits / 32]``: codes packed along the output dimension.
+- ``pack_runtime``: the in-memory form of a loaded layer, whole codes per word (``32 // bits``, and 10
+  codes of 3 bits, two bits spare), so that a call unpacks every width with one broadcast shift.
 - ``pack_uint4_low_first``: two 4-bit codes per uint8 along the last dimension, low nibble
   first (onnxruntime MatMulNBits / QMoE).
 """
@@ -88,31 +90,42 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(-1, m)
 
 
+def _pair_shifts(layout: WordLayout, device: torch.device) -> list[torch.Tensor]:
+    """For each 64-bit pair of words ``(j, j + 1)`` of a run, the shifts of the codes read from it, in
+    code order: code ``k`` is read from pair ``min(bits*k // 32, words - 2)``, where it lies whole."""
+    key = (layout.bits, str(device))
+    if key not in _SHIFTS:
+        last = layout.words_per_run - 2
+        pairs: list[list[int]] = [[] for _ in range(last + 1)]
+        for k in range(layout.codes_per_run):
+            j = min(layout.bits * k // WORD_BITS, last)
+            pairs[j].append(layout.bits * k - WORD_BITS * j)
+        assert all(s + layout.bits <= 2 * WORD_BITS for p in pairs for s in p)
+        _SHIFTS[key] = [torch.tensor(p, dtype=torch.int64, device=device)[None, :, None] for p in pairs]
+    return _SHIFTS[key]
+
+
+_SHIFTS: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+
 def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Exact inverse of :func:`pack_rows`: int32 ``[n*bits/32, m]`` -> int32 codes ``[n, m]``.
 
-    int32 throughout: the codes that lie whole in a word come out of one broadcast shift of that word
-    (an arithmetic shift; the mask drops the sign bits), and a code that straddles two words (3 bits:
-    codes 10 and 21 of a run) is joined from its two parts."""
+    Whole codes per word (2, 4, 8 bits): one broadcast shift of each word. Codes that straddle words
+    (3 bits: codes 10 and 21 of a run): each pair of neighbouring words is joined into one int64, in
+    which every code of the pair lies whole, and read with one broadcast shift per pair; a handful of
+    whole-tensor operations per call, whatever the run's length."""
     layout = layout_for(bits)
     r, m = words.shape
     if r % layout.words_per_run:
         raise ConfigError(f"cannot unpack {r} rows of {bits}-bit words: need a multiple of {layout.words_per_run}")
-    if layout.words_per_run == 1:  # whole codes per word: one broadcast shift, no copy
+    if layout.words_per_run == 1:  # one broadcast shift, no copy
         shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=words.device)[None, :, None]
         return ((words.to(torch.int32)[:, None, :] >> shifts) & layout.mask).reshape(-1, m)
-    runs = words.to(torch.int32).reshape(r // layout.words_per_run, layout.words_per_run, m)
-    out = torch.empty(runs.shape[0], layout.codes_per_run, m, dtype=torch.int32, device=words.device)
-    for w, terms in enumerate(layout.terms):
-        whole = [(k, s) for k, s in terms if 0 <= s <= WORD_BITS - bits]
-        first = whole[0][0]
-        shifts = torch.tensor([s for _, s in whole], dtype=torch.int32, device=words.device)[None, :, None]
-        out[:, first : first + len(whole)] = (runs[:, w, None] >> shifts) & layout.mask
-        for k, s in terms:
-            if s > WORD_BITS - bits:  # low bits at the top of this word, the rest at the bottom of the next
-                low = WORD_BITS - s
-                out[:, k] = ((runs[:, w] >> s) & ((1 << low) - 1)) | ((runs[:, w + 1] << low) & layout.mask)
-    return out.reshape(-1, m)
+    x = words.reshape(r // layout.words_per_run, layout.words_per_run, m).to(torch.int64)
+    pairs = (x[:, :-1] & _WORD_MASK) | (x[:, 1:] << WORD_BITS)  # the high word's sign bits shift out
+    parts = [pairs[:, j : j + 1] >> shifts for j, shifts in enumerate(_pair_shifts(layout, words.device))]
+    return torch.cat(parts, dim=1).bitwise_and_(layout.mask).to(torch.int32).reshape(-1, m)
 
 
 def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -133,6 +146,33 @@ def pack_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_qzeros(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
     """Codes ``[groups, out]`` from a GPTQ ``qzeros`` int32 ``[groups, out*bits/32]``."""
     return unpack_rows(qzeros.t(), bits).t().contiguous()
+
+
+def runtime_codes_per_word(bits: int) -> int:
+    """Codes per int32 word of :func:`pack_runtime`: ``32 // bits`` whole codes (10 at 3 bits)."""
+    layout_for(bits)
+    return WORD_BITS // bits
+
+
+def pack_runtime(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes ``[n, m]`` -> int32 ``[ceil(n / c), m]``, ``c`` whole codes per word, code ``k`` of a word at
+    bit ``bits * k`` (rows past ``n`` are zero codes). For 2, 4 and 8 bits this is :func:`pack_rows`."""
+    c = runtime_codes_per_word(bits)
+    n, m = codes.shape
+    padded = torch.zeros(-(-n // c) * c, m, dtype=torch.int32, device=codes.device)
+    padded[:n] = codes
+    runs = padded.view(-1, c, m)
+    word = torch.zeros(runs.shape[0], m, dtype=torch.int64, device=codes.device)
+    for k in range(c):
+        word |= (runs[:, k].to(torch.int64) & ((1 << bits) - 1)) << (bits * k)
+    return _to_int32(word)
+
+
+def unpack_runtime(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The first ``n`` codes ``[n, m]`` (int32) of :func:`pack_runtime`'s words: one broadcast shift."""
+    c = runtime_codes_per_word(bits)
+    shifts = torch.arange(0, bits * c, bits, dtype=torch.int32, device=words.device)[None, :, None]
+    return ((words[:, None, :] >> shifts).bitwise_and_((1 << bits) - 1)).view(-1, words.shape[1])[:n]
 
 
 def pack_uint4_low_first(codes: torch.Tensor) -> torch.Tensor:

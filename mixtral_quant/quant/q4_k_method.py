@@ -32,7 +32,7 @@ from mixtral_quant.quant.base import (
 )
 from mixtral_quant.quant.gptq import AffineGrid, HessianNotPositiveDefinite, gptq_quantize_stacked, unusable_hessian
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
-from mixtral_quant.quant.q4_k import Q4_K_BYTES, QK_K, SUB, dequantize_q4_k, pack_q4_k, q4_k_grid
+from mixtral_quant.quant.q4_k import Q4_K_BYTES, QK_K, SUB, dequantize_q4_k, pack_q4_k, q4_k_grid, q4_k_header
 
 Q4_K_TENSORS = ["q4_k"]
 
@@ -109,7 +109,8 @@ class GPTQQ4K:
     def dequantize(self, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
         blocks = tensors["q4_k"]
         rows, width = blocks.shape
-        return dequantize_q4_k(blocks, rows, width // Q4_K_BYTES * QK_K)
+        header = {"d": tensors["d"], "sm": tensors["sm"]} if "sm" in tensors else None
+        return dequantize_q4_k(blocks, rows, width // Q4_K_BYTES * QK_K, header)
 
     def tensor_names(self) -> list[str]:
         return list(Q4_K_TENSORS)
@@ -117,7 +118,8 @@ class GPTQQ4K:
     def make_module(self, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int) -> nn.Module:
         require_tensors(tensors, Q4_K_TENSORS, "Q4_K")
         require_shape("q4_k", tensors["q4_k"], (out_features, in_features // QK_K * Q4_K_BYTES))
-        return DequantLinear(tensors, self.dequantize, in_features, out_features)
+        # the grid unpacked once, here (24 bytes per 256 weights): per call only the codes unpack
+        return DequantLinear(tensors, self.dequantize, in_features, out_features, derived=q4_k_header(tensors["q4_k"]))
 
     def quantization_config(self) -> dict[str, Any]:
         """This project's own entry: llama.cpp reads the bytes through ``export gguf``."""
