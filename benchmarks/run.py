@@ -8,7 +8,8 @@ AWQ vs round-to-nearest, AWQ + GPTQ vs GPTQ, ours vs GPTQModel's AWQ, on wiki-te
 (GPTQ / NF4 / int8 on Mixtral-8x7B expert shapes vs GPTQModel and bare bitsandbytes), memory
 (peak RSS quantizing a 2-layer Mixtral-8x7B-shaped checkpoint; full mode only), memory-gptq (the
 same for the shipped GPTQ recipe; full mode only, about 15 minutes) and decode
-(prefill / decode tokens/s: onnxruntime exports, ours, transformers) and gguf (our GPTQ Q4_0 and Q4_K GGUFs vs
+(prefill / decode tokens/s: onnxruntime exports, ours, transformers), decode-recipes (our decode tokens/s of
+every shipped recipe's artifact against the 16-bit model, in the same rounds) and gguf (our GPTQ Q4_0 and Q4_K GGUFs vs
 llama-quantize Q4_0 / Q4_K_M with an importance matrix, scored by llama-perplexity and by our eval;
 needs scripts/build_llama_cpp.sh) and distributed (torchrun 2 ranks x 1 thread vs 1 process x 2 threads:
 quantize and eval of the tiny model). Prints the table and writes
@@ -29,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import awq, decode, distributed, gguf, memory, quality, quant_speed
+from benchmarks import awq, decode, decode_recipes, distributed, gguf, memory, quality, quant_speed
 from benchmarks.table import Row, earlier_rows, machine, plain, write
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("quality", "awq", "quant-speed", "memory", "memory-gptq", "decode", "gguf", "distributed")
+SECTIONS = ("quality", "awq", "quant-speed", "memory", "memory-gptq", "decode", "decode-recipes", "gguf", "distributed")
 SECTION_NAMES = {
     "quality": quality.SECTION,
     "awq": awq.SECTION,
@@ -42,6 +43,7 @@ SECTION_NAMES = {
     "memory": memory.SECTION,
     "memory-gptq": memory.SECTION_GPTQ,
     "decode": decode.SECTION,
+    "decode-recipes": decode_recipes.SECTION,
     "gguf": gguf.SECTION,
     "distributed": distributed.SECTION,
 }
@@ -91,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += memory.run(work / "memory", args.quick, _say, memory.RECIPES_GPTQ, memory.SECTION_GPTQ)
         if "decode" in args.sections:
             rows += decode.run(work / "decode", work / "quality", args.quick, _say)
+        if "decode-recipes" in args.sections:
+            rows += decode_recipes.run(work / "decode-recipes", work / "quality", args.quick, _say)
         if "gguf" in args.sections:
             rows += gguf.run(work / "gguf", args.quick, _say)
         if "distributed" in args.sections:

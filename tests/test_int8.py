@@ -63,6 +63,40 @@ def test_int8_module_approximates_the_dequantized_linear(dtype: torch.dtype) -> 
     assert sorted(module.state_dict()) == sorted(tensors)
 
 
+def _linear8bitlt(tensors: dict[str, torch.Tensor], threshold: float) -> bnb.nn.Linear8bitLt:
+    layer = bnb.nn.Linear8bitLt(IN, OUT, bias=False, has_fp16_weights=False, threshold=threshold, device="meta")
+    codes = tensors["weight"]
+    layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes,
+                                     SCB=tensors["SCB"])  # fmt: skip
+    return layer.eval()
+
+
+@pytest.mark.filterwarnings("ignore:MatMul8bitLt")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_module_is_linear8bitlt_bit_for_bit(dtype: torch.dtype, threshold: float, rows: int) -> None:
+    """Our CPU path and the bitsandbytes.matmul path (the one CUDA takes) give Linear8bitLt's outputs
+    bit for bit: batch 1 and 5, outlier columns or none, threshold 6 or 0, every input dtype; the input
+    is left as it was."""
+    from mixtral_quant.quant.int8_linear import Int8Linear
+
+    tensors = get_method(_int8()).quantize(_weight()).tensors
+    ours = Int8Linear(tensors, threshold)
+    reference = _linear8bitlt(tensors, threshold)
+    gen = torch.Generator().manual_seed(rows)
+    for outliers in ([], [7], [0, 100, 255]):
+        x = torch.randn(2, rows, IN, generator=gen)
+        x[..., outliers] *= 40.0
+        x = x.to(dtype)
+        before = x.clone()
+        expected = reference(x)
+        for got in (ours(x), ours.forward_bitsandbytes(x)):
+            assert got.dtype == dtype and got.shape == (2, rows, OUT)
+            assert torch.equal(got, expected), (outliers, (got.float() - expected.float()).abs().max())
+        assert torch.equal(x, before)
+
+
 def test_w8_exact_formula() -> None:
     weight = _weight()
     method = get_method(QuantConfig.for_method(MethodName.W8))

@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import bitsandbytes as bnb
 import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
 from mixtral_quant.quant.base import MethodName, QuantConfig, QuantResult, check_weight
 from mixtral_quant.quant.block_form import BlockQuant, GridSignature, block_choices
+from mixtral_quant.quant.int8_linear import Int8Linear
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
 from mixtral_quant.quant.nf4 import bitsandbytes_config
 
@@ -38,7 +38,7 @@ def row_form(codes: torch.Tensor, scale: torch.Tensor) -> BlockQuant:
 
 
 class INT8:
-    """bitsandbytes LLM.int8(); runtime module is ``bnb.nn.Linear8bitLt`` (inference mode)."""
+    """bitsandbytes LLM.int8(); runtime module :class:`Int8Linear` (``Linear8bitLt``'s arithmetic and state)."""
 
     needs_hessian = False
     config_files: tuple[str, ...] = ()
@@ -83,19 +83,7 @@ class INT8:
         require_tensors(tensors, INT8_TENSORS, "INT8")
         require_shape("weight", tensors["weight"], (out_features, in_features))
         require_shape("SCB", tensors["SCB"], (out_features,))
-        module = bnb.nn.Linear8bitLt(
-            in_features,
-            out_features,
-            bias=False,
-            has_fp16_weights=False,
-            threshold=self.config.int8_threshold,
-            device="meta",
-        )
-        codes = tensors["weight"]
-        module.weight = bnb.nn.Int8Params(
-            codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=tensors["SCB"].to(torch.float32)
-        )
-        return module.eval()
+        return Int8Linear({name: tensors[name] for name in INT8_TENSORS}, self.config.int8_threshold).eval()
 
     def quantization_config(self) -> dict[str, Any]:
         return bitsandbytes_config(self.config, load_in_4bit=False)
