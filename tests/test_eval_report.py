@@ -253,7 +253,8 @@ def test_one_lockstep_pass_over_the_windows(tmp_path: Path, monkeypatch: pytest.
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(MixtralForCausalLM, "forward", counted)
-    monkeypatch.setattr(runner, "measure_speed", lambda *a, **k: None)  # its forward calls are not the pass's
+    monkeypatch.setattr(runner, "measure_speeds", lambda models, *a, **k: [None] * len(models))  # not the pass's
+    monkeypatch.setattr(runner, "warm_up", lambda *a, **k: None)
     kwargs: dict[str, Any] = {"dataset": str(text), "ctx": 64, "stride": 48, "device": "cpu", "progress": False}
     report = evaluate(variants, base, **kwargs)
     assert len(calls) == 4 and set(calls.values()) == {len(windows)}
@@ -291,3 +292,27 @@ def test_parameter_formula_is_the_models_count(preset: str) -> None:
     with torch.device("meta"):
         model = MixtralForCausalLM(cfg)
     assert parameter_counts(cfg) == parameter_groups(model)
+
+
+def test_speeds_are_measured_in_interleaved_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After one warm-up of each model, every round times each model once in turn (prefill, then decode);
+    each figure is the median over the rounds of that model's times."""
+    from mixtral_quant.eval import speed
+
+    order: list[tuple[str, int]] = []
+    times = {"prefill": [[0.5, 0.1, 0.2, 0.3], [1.0, 0.4, 0.8, 0.6]],  # warm-up, then 3 rounds, per model
+             "decode": [[9.0, 2.0, 4.0, 1.0], [9.0, 8.0, 4.0, 6.0]]}
+
+    def timer(kind: str) -> Any:
+        def timed(model: Any, plan: Any, device: Any) -> float:
+            order.append((kind, model))
+            return times[kind][model][sum(1 for k, m in order if (k, m) == (kind, model)) - 1]
+        return timed
+
+    monkeypatch.setattr(speed, "_prefill_seconds", timer("prefill"))
+    monkeypatch.setattr(speed, "_decode_seconds", timer("decode"))
+    results = speed.measure_speeds([0, 1], torch.arange(300), 64, "cpu", decode_steps=8, repeats=3)  # type: ignore[list-item]
+    assert order == [(k, m) for _ in range(4) for m in (0, 1) for k in ("prefill", "decode")]
+    assert [r.prefill_tokens_per_s for r in results] == [64 / 0.2, 64 / 0.6]
+    assert [r.decode_tokens_per_s for r in results] == [8 / 2.0, 8 / 6.0]
+    assert results[0].prefill_tokens == 64 and results[0].decode_prompt_tokens == 56 and results[0].repeats == 3

@@ -228,9 +228,10 @@ def markdown(report: EvalReport) -> str:
         "## Stored weights by component",
         markdown_table(*component_rows(report)),
         f"Peak memory: {report.baseline.memory.peak.kind.value if report.baseline.memory.peak else 'not measured'}, "
-        "the increase over the memory in use when the model's load began, through its load and speed "
-        "measurement (a full-length window's forward); layer-sequential: that of the one pass over all models. "
-        "Every model's forward ran once per window, in one lockstep pass.",
+        "the increase over the memory in use when the model's load began, through its load and one "
+        "full-length window's forward; layer-sequential: that of the one pass over all models. "
+        "Every model's forward ran once per window, in one lockstep pass. Speeds: medians over rounds that "
+        "time every model once in turn.",
         f"Schema version {report.schema_version}, mixtral-quant {report.tool_version}, {report.created}.",
     ]
     if report.gate is not None:

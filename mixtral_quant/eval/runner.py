@@ -1,8 +1,8 @@
 """``mixtral-quant eval``: evaluate variants against a baseline, write reports, apply the gate.
 
-1. Every model (the baseline first, then each variant) is loaded and, in plain mode, its prefill
-   and decode speed measured (:mod:`speed`); its peak memory is that of load + speed (a full-length
-   window's forward included), as the increase over what was in use before.
+1. Every model (the baseline first, then each variant) is loaded; in plain mode its peak memory is
+   that of the load and one full-length window's forward, as the increase over what was in use before.
+   Then the prefill and decode speed of all of them is measured in interleaved rounds (:mod:`speed`).
 2. One lockstep pass over the windows: each window goes once through the baseline and once
    through every variant; perplexity, KL, top-1 changes and router agreement all come from those
    logits (:class:`NLLAccumulator`, :class:`ComparisonAccumulator`).
@@ -59,7 +59,7 @@ from mixtral_quant.eval.report import (
     load_bounds,
     write_reports,
 )
-from mixtral_quant.eval.speed import SpeedResult, measure_speed
+from mixtral_quant.eval.speed import SpeedResult, measure_speeds, warm_up
 from mixtral_quant.loading import load_model
 from mixtral_quant.model import DecoderLayer, MixtralForCausalLM, RMSNorm
 from mixtral_quant.quant import get_method, read_quantization_config
@@ -294,6 +294,10 @@ def evaluate(
     for k, folder in enumerate(bar):
         bar.set_postfix_str(folder.name)
         models.append(_load(folder, run, measure=ranks.mine(k)))
+    timed = [m for k, m in enumerate(models) if ranks.mine(k) and m.model is not None]
+    for m, speed in zip(timed, measure_speeds([m.model for m in timed if m.model is not None], run.tokens, run.ctx,
+                                              run.device), strict=True):  # fmt: skip
+        m.speed = speed
     if ranks.world > 1:  # each model's speed and peak from the rank that measured it
         measured = ranks.gather({k: (m.peak, m.speed) for k, m in enumerate(models) if ranks.mine(k)},
                                 "gathering the speed measurements")
@@ -333,8 +337,8 @@ def evaluate(
 
 
 def _load(folder: Path, run: _Run, measure: bool = True) -> _Loaded:
-    """A model ready for the lockstep pass; in plain mode (and ``measure``) its speed and the peak of
-    load + speed."""
+    """A model ready for the lockstep pass; in plain mode (and ``measure``) the peak of its load and of
+    one full-length window's forward."""
     vocab, top = load_config(folder).vocab_size, int(run.tokens.max())
     if top >= vocab:
         raise MixtralQuantError(f"{folder} has a {vocab}-token vocabulary, the tokenizer yields id {top}")
@@ -342,8 +346,9 @@ def _load(folder: Path, run: _Run, measure: bool = True) -> _Loaded:
         return _Loaded(folder.name, folder, None, CheckpointLayers(folder, run.dtype))
     with PeakMemory(run.device) as peak:
         model = load_model(folder, dtype=run.dtype, device=run.device, no_verify=True)  # verified up front
-        speed = measure_speed(model, run.tokens, run.ctx, run.device) if measure else None
-    return _Loaded(folder.name, folder, model, None, peak.result if measure else None, speed)
+        if measure:
+            warm_up(model, run.tokens, run.ctx, run.device)
+    return _Loaded(folder.name, folder, model, None, peak.result if measure else None)
 
 
 def _lockstep(models: list[_Loaded], run: _Run, ranks: Ranks = SINGLE
