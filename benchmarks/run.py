@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -129,4 +130,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # as the CLI: no per-call casting notes
     sys.exit(main())
