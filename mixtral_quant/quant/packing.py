@@ -90,42 +90,31 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(-1, m)
 
 
-def _pair_shifts(layout: WordLayout, device: torch.device) -> list[torch.Tensor]:
-    """For each 64-bit pair of words ``(j, j + 1)`` of a run, the shifts of the codes read from it, in
-    code order: code ``k`` is read from pair ``min(bits*k // 32, words - 2)``, where it lies whole."""
-    key = (layout.bits, str(device))
-    if key not in _SHIFTS:
-        last = layout.words_per_run - 2
-        pairs: list[list[int]] = [[] for _ in range(last + 1)]
-        for k in range(layout.codes_per_run):
-            j = min(layout.bits * k // WORD_BITS, last)
-            pairs[j].append(layout.bits * k - WORD_BITS * j)
-        assert all(s + layout.bits <= 2 * WORD_BITS for p in pairs for s in p)
-        _SHIFTS[key] = [torch.tensor(p, dtype=torch.int64, device=device)[None, :, None] for p in pairs]
-    return _SHIFTS[key]
-
-
-_SHIFTS: dict[tuple[int, str], list[torch.Tensor]] = {}
-
-
 def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Exact inverse of :func:`pack_rows`: int32 ``[n*bits/32, m]`` -> int32 codes ``[n, m]``.
 
-    Whole codes per word (2, 4, 8 bits): one broadcast shift of each word. Codes that straddle words
-    (3 bits: codes 10 and 21 of a run): each pair of neighbouring words is joined into one int64, in
-    which every code of the pair lies whole, and read with one broadcast shift per pair; a handful of
-    whole-tensor operations per call, whatever the run's length."""
+    int32 throughout: the codes that lie whole in a word come out of one broadcast shift of that word
+    (an arithmetic shift; the mask drops the sign bits), and a code that straddles two words (3 bits:
+    codes 10 and 21 of a run) is joined from its two parts."""
     layout = layout_for(bits)
     r, m = words.shape
     if r % layout.words_per_run:
         raise ConfigError(f"cannot unpack {r} rows of {bits}-bit words: need a multiple of {layout.words_per_run}")
-    if layout.words_per_run == 1:  # one broadcast shift, no copy
+    if layout.words_per_run == 1:  # whole codes per word: one broadcast shift, no copy
         shifts = torch.arange(0, WORD_BITS, bits, dtype=torch.int32, device=words.device)[None, :, None]
         return ((words.to(torch.int32)[:, None, :] >> shifts) & layout.mask).reshape(-1, m)
-    x = words.reshape(r // layout.words_per_run, layout.words_per_run, m).to(torch.int64)
-    pairs = (x[:, :-1] & _WORD_MASK) | (x[:, 1:] << WORD_BITS)  # the high word's sign bits shift out
-    parts = [pairs[:, j : j + 1] >> shifts for j, shifts in enumerate(_pair_shifts(layout, words.device))]
-    return torch.cat(parts, dim=1).bitwise_and_(layout.mask).to(torch.int32).reshape(-1, m)
+    runs = words.to(torch.int32).reshape(r // layout.words_per_run, layout.words_per_run, m)
+    out = torch.empty(runs.shape[0], layout.codes_per_run, m, dtype=torch.int32, device=words.device)
+    for w, terms in enumerate(layout.terms):
+        whole = [(k, s) for k, s in terms if 0 <= s <= WORD_BITS - bits]
+        first = whole[0][0]
+        shifts = torch.tensor([s for _, s in whole], dtype=torch.int32, device=words.device)[None, :, None]
+        out[:, first : first + len(whole)] = (runs[:, w, None] >> shifts) & layout.mask
+        for k, s in terms:
+            if s > WORD_BITS - bits:  # low bits at the top of this word, the rest at the bottom of the next
+                low = WORD_BITS - s
+                out[:, k] = ((runs[:, w] >> s) & ((1 << low) - 1)) | ((runs[:, w + 1] << low) & layout.mask)
+    return out.reshape(-1, m)
 
 
 def pack_qweight(codes: torch.Tensor, bits: int) -> torch.Tensor:
