@@ -72,7 +72,7 @@ def quantize_config(recipe: Recipe) -> Any:
     from gptqmodel import QuantizeConfig
 
     q = recipe.quant
-    return QuantizeConfig(method="awq", format="gemm", bits=q.bits, group_size=q.group_size, sym=q.sym,
+    return QuantizeConfig(method="awq", format="gemm", bits=q.bits, group_size=q.group_size, sym=q.options.sym,
                           offload_to_disk=False)  # fmt: skip
 
 
@@ -201,7 +201,7 @@ def awq_quantize(model: Path, recipe: Recipe, out: Path) -> Path:
     q = recipe.quant
     run: dict[str, Any] = {
         "peer": f"GPTQModel {gptqmodel.__version__} AWQ (format gemm)", "torch": torch.__version__,
-        "bits": q.bits, "group_size": q.group_size, "sym": q.sym, "dtype": str(dtype).removeprefix("torch."),
+        "bits": q.bits, "group_size": q.group_size, "sym": q.options.sym, "dtype": str(dtype).removeprefix("torch."),
         "samples": len(calibration), "seq_len": recipe.calibration.seq_len, "batch_size": len(calibration),
         "scaled": [], "clipped": [], "rtn_fallback": [],
     }  # fmt: skip

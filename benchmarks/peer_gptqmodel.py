@@ -66,9 +66,9 @@ def quantize_config(recipe: Recipe) -> Any:
     act-group-aware reordering (GPTQModel's own variant of act-order, which ours does not have)."""
     from gptqmodel import QuantizeConfig
 
-    q = recipe.quant
-    return QuantizeConfig(bits=q.bits, group_size=q.group_size, sym=q.sym, desc_act=q.act_order,
-                          static_groups=q.static_groups, act_group_aware=False, damp_percent=q.damp_percent,
+    q, o = recipe.quant, recipe.quant.options
+    return QuantizeConfig(bits=q.bits, group_size=q.group_size, sym=o.sym, desc_act=o.act_order,
+                          static_groups=o.static_groups, act_group_aware=False, damp_percent=o.damp_percent,
                           offload_to_disk=False)  # fmt: skip
 
 

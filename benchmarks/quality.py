@@ -151,9 +151,10 @@ def gptqmodel_peer(work: Path, samples: int, tokens: torch.Tensor, windows: list
     ppl, c, bits = measure_peer(folder, DEFAULT_MODEL, tokens, windows)
     rtn, modules = rtn_fallbacks(folder)
     q = load_recipe(recipe).quant
+    o = q.options
     return _peer_figures(ppl, base_ppl, c, bits), (
-        f"GPTQModel quantize(), bits {q.bits} group {q.group_size} sym {q.sym}, desc_act {q.act_order}, static "
-        f"groups {q.static_groups}, act_group_aware off, damp {q.damp_percent}, our {samples} calibration "
+        f"GPTQModel quantize(), bits {q.bits} group {q.group_size} sym {o.sym}, desc_act {o.act_order}, static "
+        f"groups {o.static_groups}, act_group_aware off, damp {o.damp_percent}, our {samples} calibration "
         f"sequences; {rtn} of {modules} modules took its RTN fallback (experts under 0.5% of tokens)"
     )
 

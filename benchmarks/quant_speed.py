@@ -32,7 +32,7 @@ def _ours_gptq(w: torch.Tensor, x: torch.Tensor) -> tuple[float, float]:
     start = time.perf_counter()
     acc = HessianAccumulator(w.shape[1])
     acc.add(x)
-    method = get_method(QuantConfig(MethodName.GPTQ, bits=4, group_size=128, sym=True, act_order=False))
+    method = get_method(QuantConfig.of(MethodName.GPTQ, bits=4, group_size=128, sym=True, act_order=False))
     result = method.quantize(w, acc.hessian)
     seconds = time.perf_counter() - start
     return seconds, _out_error(x, w, method.dequantize(result.tensors))
@@ -147,7 +147,7 @@ def layer_row(quick: bool, say: Any) -> Row:
     missing = _gptqmodel_missing()
     weights, acts = _layer_inputs(tokens)
     say("quant speed: ours GPTQ, one expert + attention")
-    cfg = QuantConfig(MethodName.GPTQ, bits=4, group_size=128, sym=True, act_order=True, static_groups=True)
+    cfg = QuantConfig.of(MethodName.GPTQ, bits=4, group_size=128, sym=True, act_order=True, static_groups=True)
     s, errs = _ours_layer(weights, acts, cfg)
     ours: dict[str, Figure] = {"seconds": s, "out rel err sum": sum(errs.values()), "w2 out rel err": errs["w2"]}
     note = ("seconds include the Hessians from the activations (ours: one per shared input, q/k/v and w1/w3 "
@@ -165,8 +165,8 @@ def bare_rows(quick: bool, say: Any) -> list[Row]:
     w = torch.randn(INTER, HIDDEN, generator=torch.Generator().manual_seed(1)) * 0.02
     shape = f"[{INTER}, {HIDDEN}] fp32"
     say("quant speed: NF4 / int8 overhead")
-    nf4 = get_method(QuantConfig(MethodName.NF4, bits=4, nf4_blocksize=64, double_quant=True))
-    int8 = get_method(QuantConfig(MethodName.INT8, bits=8))
+    nf4 = get_method(QuantConfig.of(MethodName.NF4, bits=4, nf4_blocksize=64, double_quant=True))
+    int8 = get_method(QuantConfig.of(MethodName.INT8, bits=8))
     ours_nf4 = median_seconds(lambda: nf4.quantize(w), repeats)
     bare_nf4 = median_seconds(lambda: bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"),
                               repeats)  # fmt: skip

@@ -192,10 +192,11 @@ class LayerQuantizer:
             else:
                 results = [method.quantize(m.weight.data.float(), h) if method.needs_hessian
                            else method.quantize(m.weight.data.float()) for m in modules]  # fmt: skip
+        configured_damp = self.recipe.quant.flat().get("damp_percent")
         for name, module, result in zip(names, modules, results, strict=True):
             if result.info.get("fallback"):
                 done.fallbacks[name] = str(result.info["fallback"])
-            if "damp_percent" in result.info and float(result.info["damp_percent"]) > self.recipe.quant.damp_percent:
+            if "damp_percent" in result.info and float(result.info["damp_percent"]) > float(configured_damp or 0):
                 done.damp[name] = float(result.info["damp_percent"])
             done.errors[name] = relative_error(module.weight.data, dequantized_rows(method, result.tensors), h)
             done.tensors[name] = {k: t.detach().cpu() for k, t in result.tensors.items()}

@@ -5,7 +5,8 @@ statistics, and which components stay 16-bit. Unknown keys and impossible values
 
 \b
     name = "gptq-w4g128"
-    [quant]        method, bits, group_size, sym, act_order, static_groups, damp_percent, nf4_blocksize, double_quant
+    [quant]        method, bits, group_size and the method's own settings (its Options: GPTQ's sym, act_order,
+                   static_groups, damp_percent, ...; NF4's nf4_blocksize, double_quant; int8's int8_threshold)
     [calibration]  corpus ("wiki-train", "sotu" or a .txt path), samples, seq_len, seed
     [experts]      policy ("routed" | "all-tokens"), min_token_share, fallback ("rtn" | "all-tokens")
     [keep]         components = ["router", "embeddings", "norms"]   (lm_head counts as embeddings)
@@ -23,8 +24,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
+import torch
+
 from .errors import ConfigError
 from .quant import QuantConfig, get_method, registered
+from .quant.base import options_class
 
 
 def _calibration_dir() -> Path:
@@ -105,9 +109,9 @@ class Recipe:
         return component in QUANTIZABLE and component not in self.keep
 
     def to_dict(self) -> dict[str, Any]:
-        q = {f.name: getattr(self.quant, f.name) for f in fields(self.quant)}
-        q["method"] = self.quant.method_name
-        q["compute_dtype"] = str(self.quant.compute_dtype).removeprefix("torch.")
+        q = {"method": self.quant.method_name}
+        for key, value in self.quant.flat().items():
+            q[key] = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
         return {
             "name": self.name,
             "description": self.description,
@@ -155,12 +159,17 @@ def parse_recipe(d: dict[str, Any], name: str) -> Recipe:
     for key in ("name", "description"):
         if not isinstance(d.get(key, ""), str):
             raise ConfigError(f"recipe {name}: {key} must be a string, got {d[key]!r}")
-    q = dict(_take(d.get("quant", {}), {f.name for f in fields(QuantConfig)} - {"compute_dtype"}, "quant", QuantConfig))
-    if "method" not in q:
+    section = d.get("quant", {})
+    method = section.get("method") if isinstance(section, dict) else None
+    if method is None:
         raise ConfigError(f"recipe {name} has no [quant] method")
-    method = q.pop("method")
     if not isinstance(method, str) or method not in registered():
         raise ConfigError(f"unknown method {method!r} in recipe {name}; use one of {list(registered())}")
+    hints = get_type_hints(options_class(method))  # the method's own settings; a TOML scalar each, or not a key
+    allowed = {"method", "bits", "group_size"} | {k for k, t in hints.items() if t in (bool, int, float, str)}
+    q = dict(_take(section, allowed, "quant"))
+    _check_types(q, get_type_hints(QuantConfig) | hints, "quant")
+    del q["method"]
     try:
         quant = QuantConfig.for_method(method, **q)
         cal_fields = {f.name for f in fields(CalibrationData)}
@@ -203,9 +212,8 @@ def load_recipe(name_or_file: str | Path, **overrides: Any) -> Recipe:
     quant_over = {k: v for k, v in overrides.items() if v is not None and k in {"bits", "group_size"}}
     cal_over = {k: v for k, v in overrides.items() if v is not None and k in {"samples", "seq_len", "seed", "corpus"}}
     if quant_over:
-        q = {f.name: getattr(recipe.quant, f.name) for f in fields(recipe.quant)} | quant_over
         try:
-            recipe = replace(recipe, quant=QuantConfig(**q))
+            recipe = replace(recipe, quant=recipe.quant.with_fields(**quant_over))
         except (TypeError, ValueError) as e:
             raise ConfigError(str(e)) from None
     if cal_over:

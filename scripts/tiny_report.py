@@ -52,7 +52,7 @@ def unigram_ppl(tok: Tokenizer, scored: torch.Tensor) -> float:
 
 
 def rtn(model: MixtralForCausalLM, bits: int) -> MixtralForCausalLM:
-    method = get_method(QuantConfig(MethodName.RTN, bits=bits, group_size=128))
+    method = get_method(QuantConfig.of(MethodName.RTN, bits=bits, group_size=128))
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and (".experts." in name or ".self_attn." in name):

@@ -18,7 +18,7 @@ from mixtral_quant.quant.gptq import grouped_dequantize, rtn_quantize
 from mixtral_quant.quant.gptq_method import dequantize_checkpoint
 from mixtral_quant.recipe import load_recipe
 
-CFG = QuantConfig(MethodName.RTN, bits=4, group_size=128, sym=False)
+CFG = QuantConfig.of(MethodName.RTN, bits=4, group_size=128, sym=False)
 
 
 def rtn(w: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ def test_clip_ratio_minimises_each_groups_output_error(sym: bool) -> None:
     """Each group's clipping ratio is the one of the grid whose round-to-nearest output error on the
     tokens themselves, ||X_g (w_g - q_g)||^2, is smallest: checked by quantizing the whole weight at
     every ratio and measuring each group's error from the activations (not from the Hessian)."""
-    cfg = QuantConfig(MethodName.RTN, bits=4, group_size=64, sym=sym)
+    cfg = QuantConfig.of(MethodName.RTN, bits=4, group_size=64, sym=sym)
     w, x = heavy_tailed(48, 192, 5), salient_inputs(400, 192, 6)
     picked = clip_ratios(w, x.T @ x / 400, cfg)
     errors = []
@@ -96,7 +96,7 @@ def test_clip_ratio_minimises_each_groups_output_error(sym: bool) -> None:
 def test_awq_quantize_clips_with_a_hessian_and_rounds_without() -> None:
     """``AWQ.quantize`` stores round-to-nearest with the searched clipping; without a Hessian (an expert
     no token reached) the bytes of plain round-to-nearest, with the reason noted."""
-    cfg = QuantConfig(MethodName.AWQ, bits=4, group_size=128, sym=True)
+    cfg = QuantConfig.of(MethodName.AWQ, bits=4, group_size=128, sym=True)
     w, x = heavy_tailed(64, 256, 7), salient_inputs(300, 256, 8)
     h = 2 * x.T @ x / 300
     got = get_method(cfg).quantize(w, h)
@@ -104,7 +104,7 @@ def test_awq_quantize_clips_with_a_hessian_and_rounds_without() -> None:
     want_w = grouped_dequantize(want.qint.t(), want.scales, want.zeros, want.g_idx).t()
     torch.testing.assert_close(dequantize_checkpoint(got.tensors, 4), want_w, rtol=0, atol=0)
     bare = get_method(cfg).quantize(w)
-    plain = get_method(QuantConfig(MethodName.RTN, bits=4, group_size=128, sym=True)).quantize(w)
+    plain = get_method(QuantConfig.of(MethodName.RTN, bits=4, group_size=128, sym=True)).quantize(w)
     assert bare.info["fallback"] == "no Hessian"
     assert all(torch.equal(bare.tensors[k], plain.tensors[k]) for k in plain.tensors)
 

@@ -159,6 +159,13 @@ def unknown_recipe_key(c: Case) -> tuple[list[str | Path], list[str]]:
     return c.quantize(recipe=recipe), ["unknown key", "groupsize", "[quant]"]
 
 
+def other_methods_setting(c: Case) -> tuple[list[str | Path], list[str]]:
+    """A setting of another method (NF4's block size in a GPTQ recipe) is refused, not ignored."""
+    recipe = c.tmp / "mixed.toml"
+    recipe.write_text(c.recipe.read_text().replace("[quant]", "[quant]\nnf4_blocksize = 64"))
+    return c.quantize(recipe=recipe), ["unknown key", "nf4_blocksize", "[quant]", "damp_percent"]
+
+
 def five_bits(c: Case) -> tuple[list[str | Path], list[str]]:
     return c.quantize(recipe=_recipe(c.tmp, "w5", c.recipe.parent / "corpus.txt", bits=5)), ["5-bit", "[2, 3, 4, 8]"]
 
@@ -248,7 +255,8 @@ def report_under_a_file(c: Case) -> tuple[list[str | Path], list[str]]:
 
 CASES = [
     missing_dir, not_mixtral, truncated, corrupted_header, missing_shard, wrong_shape, wrong_dtype, nan_weight,
-    inf_weight, unknown_recipe_key, five_bits, five_bits_flag, group_not_dividing, shipped_group_128, short_corpus,
+    inf_weight, unknown_recipe_key, other_methods_setting, five_bits, five_bits_flag, group_not_dividing,
+    shipped_group_128, short_corpus,
     zero_samples_flag, vocab_mismatch, out_is_source, out_holds_source, disk_full, prompt_too_long, generate_damaged,
     out_under_a_file, export_out_under_a_file, report_under_a_file,
 ]

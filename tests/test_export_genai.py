@@ -33,7 +33,7 @@ tokenizers = pytest.importorskip("tokenizers")
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ASSET = ROOT / "mixtral_quant" / "assets" / "tiny-mixtral"
 CORPORA = [ROOT / "calibration" / "corpora" / f"{name}.txt" for name in ("wiki-train", "wiki-test", "sotu")]
-GPTQ4 = QuantConfig(MethodName.RTN, bits=4, group_size=32)  # stored in the GPTQ layout; 32 divides 64, 96, 128, 384
+GPTQ4 = QuantConfig.of(MethodName.RTN, bits=4, group_size=32)  # stored in the GPTQ layout; 32 divides 64, 96, 128, 384
 PROMPT = "The capital of France is"
 NEW_TOKENS = 10
 # Beside the corpus sample: the usual traps (runs of spaces, leading and trailing spaces, digits,

@@ -70,13 +70,13 @@ TINY = MixtralConfig(
 )
 QUANT = {
     "fp32": None,
-    "gptq4": QuantConfig(MethodName.GPTQ, bits=4, group_size=32, sym=True),
-    "gptq4-asym": QuantConfig(MethodName.GPTQ, bits=4, group_size=32, sym=False),
-    "gptq8": QuantConfig(MethodName.GPTQ, bits=8, group_size=32, sym=False),
-    "gptq3": QuantConfig(MethodName.GPTQ, bits=3, group_size=32),
+    "gptq4": QuantConfig.of(MethodName.GPTQ, bits=4, group_size=32, sym=True),
+    "gptq4-asym": QuantConfig.of(MethodName.GPTQ, bits=4, group_size=32, sym=False),
+    "gptq8": QuantConfig.of(MethodName.GPTQ, bits=8, group_size=32, sym=False),
+    "gptq3": QuantConfig.of(MethodName.GPTQ, bits=3, group_size=32),
     "int8": QuantConfig.for_method(MethodName.INT8),
     "w8": QuantConfig.for_method(MethodName.W8),
-    "nf4": QuantConfig(MethodName.NF4, double_quant=True),
+    "nf4": QuantConfig.of(MethodName.NF4, double_quant=True),
 }
 
 
@@ -355,7 +355,7 @@ def test_act_order_gptq_falls_back_to_float() -> None:
     """Act-order without static groups scatters each group over K: no block form, so dequantized float."""
     torch.manual_seed(0)
     w, x = torch.randn(64, 128), torch.randn(256, 128) * torch.linspace(0.1, 3, 128)
-    cfg = QuantConfig(MethodName.GPTQ, bits=4, group_size=32, act_order=True, static_groups=False)
+    cfg = QuantConfig.of(MethodName.GPTQ, bits=4, group_size=32, act_order=True, static_groups=False)
     tensors = get_method(cfg).quantize(w, x.T @ x).tensors
     lin = LinearWeights("p", 64, 128, cfg, tensors)
     assert block_quant(lin) is None and lin.dequantized().shape == (64, 128)
@@ -451,7 +451,7 @@ def test_one_group_per_row_experts_stay_qmoe(tmp_path: Path) -> None:
     become MatMulNBits with blocks of 128; the logits equal the dequantized PyTorch model's."""
     cfg, group = ROW_GROUP, 128
     assert cfg.hidden_size == group and cfg.intermediate_size == 2 * group
-    folder = save_artifact(random_model(cfg, seed=5), tmp_path / "gptq", QuantConfig(MethodName.GPTQ, 4, group))
+    folder = save_artifact(random_model(cfg, seed=5), tmp_path / "gptq", QuantConfig.of(MethodName.GPTQ, 4, group))
     out = export_onnx(folder, tmp_path / "onnx", Target.ORT, progress=False)
     shapes = init_shapes(out)
     e, m, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size

@@ -19,7 +19,7 @@ OUT, IN, TOKENS = 64, 256, 512
 
 
 def _cfg(**kw: object) -> QuantConfig:
-    return QuantConfig(MethodName.GPTQ, **kw)  # type: ignore[arg-type]
+    return QuantConfig.of(MethodName.GPTQ, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_gptq_beats_rtn_on_the_layer_output(layer: tuple[torch.Tensor, ...], bit
     weight, x, hessian = layer
     cfg = _cfg(bits=bits, act_order=act_order)
     gptq = get_method(cfg).quantize(weight, hessian)
-    rtn = get_method(QuantConfig(MethodName.RTN, bits=bits)).quantize(weight)
+    rtn = get_method(QuantConfig.of(MethodName.RTN, bits=bits)).quantize(weight)
     gptq_err = _output_error(x, weight, get_method(cfg).dequantize(gptq.tensors))
     rtn_err = _output_error(x, weight, get_method(cfg).dequantize(rtn.tensors))
     assert gptq.info["method"] == "gptq"
@@ -153,7 +153,7 @@ def test_hessian_beyond_damping_raises_or_falls_back(layer: tuple[torch.Tensor, 
 
 def test_missing_or_empty_hessian_falls_back_to_rtn(layer: tuple[torch.Tensor, ...]) -> None:
     weight = layer[0]
-    rtn = get_method(QuantConfig(MethodName.RTN)).quantize(weight).tensors
+    rtn = get_method(QuantConfig.of(MethodName.RTN)).quantize(weight).tensors
     for hessian in (None, torch.zeros(IN, IN)):
         result = get_method(_cfg()).quantize(weight, hessian)
         assert "fallback" in result.info
@@ -189,7 +189,7 @@ def test_sym_and_asym_grids(layer: tuple[torch.Tensor, ...]) -> None:
 
 def test_asym_all_positive_group_keeps_its_range() -> None:
     weight = torch.linspace(0.0, 1.0, 32).repeat(32, 1)  # every group's minimum is 0
-    qw = rtn_quantize(weight, QuantConfig(MethodName.RTN, bits=4, group_size=32, sym=False))
+    qw = rtn_quantize(weight, QuantConfig.of(MethodName.RTN, bits=4, group_size=32, sym=False))
     assert torch.equal(qw.zeros, torch.ones_like(qw.zeros))
     deq = dequantize_gptq(qw.qint, qw.scales, qw.zeros, qw.g_idx)
     assert (deq - weight).abs().max() <= qw.scales.max() / 2 + 1e-6
@@ -327,7 +327,7 @@ def test_round_to_nearest_in_bands_equals_the_whole_matrix(bits: int) -> None:
     out_features = 2 * BAND + 96
     g = torch.Generator().manual_seed(11)
     weight = (torch.randn(out_features, 256, generator=g) * 0.05).to(torch.bfloat16)
-    cfg = QuantConfig(MethodName.RTN, bits=bits, group_size=128)
+    cfg = QuantConfig.of(MethodName.RTN, bits=bits, group_size=128)
     banded, _ = rtn_checkpoint(weight, cfg)
     whole = to_checkpoint(rtn_quantize(weight.float(), cfg), bits)
     assert banded.keys() == whole.keys()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,17 @@ from mixtral_quant.recipe import load_recipe
 NAME = "toy-row-w2"
 
 
+@dataclass(frozen=True)
+class RowTwoBitOptions:
+    """The toy's own setting (a recipe key; the test recipe sets it to another value than the default)."""
+
+    min_scale: float = 1e-3
+
+
 class RowTwoBit:
     """``W[o, i] = codes[o, i] * row_scale[o] + row_min[o]``, codes in 0..3 (uint8), fp16 scale and minimum."""
 
+    Options = RowTwoBitOptions
     needs_hessian = False
     config_files: tuple[str, ...] = ()
     allowed_bits = frozenset({2})
@@ -50,7 +59,7 @@ class RowTwoBit:
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         w = weight.float()
         low = w.amin(1).half()
-        scale = ((w.amax(1) - low.float()) / 3).clamp(min=1e-6).half()
+        scale = ((w.amax(1) - low.float()) / 3).clamp(min=self.config.options.min_scale).half()
         codes = torch.round((w - low.float()[:, None]) / scale.float()[:, None]).clamp(0, 3).to(torch.uint8)
         return QuantResult({"codes": codes, "row_scale": scale, "row_min": low}, {"method": NAME})
 
@@ -77,7 +86,8 @@ def toy() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def artifact(toy: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     recipe = tmp_path_factory.mktemp("recipe") / "toy.toml"
-    recipe.write_text(f'name = "toy"\n[quant]\nmethod = "{toy}"\n[calibration]\nsamples = 4\nseq_len = 64\n')
+    recipe.write_text(f'name = "toy"\n[quant]\nmethod = "{toy}"\nmin_scale = 1e-6\n[calibration]\nsamples = 4\n'
+                      'seq_len = 64\n')
     return quantize_model(DEFAULT_MODEL, load_recipe(recipe), tmp_path_factory.mktemp("q") / "toy", progress=False)
 
 
@@ -94,11 +104,16 @@ def test_recipe_and_registry_know_the_method(toy: str) -> None:
     assert QuantConfig.for_method(toy).bits == 2 and QuantConfig.for_method(toy).method_name == toy
     with pytest.raises(ConfigError, match="cannot store 4-bit"):
         QuantConfig(toy, bits=4)
+    assert QuantConfig.of(toy, bits=2, min_scale=1e-6).options == RowTwoBitOptions(1e-6)
+    with pytest.raises(ConfigError, match="toy-row-w2 has no setting sym"):
+        QuantConfig.of(toy, bits=2, sym=True)
 
 
 def test_quantize_and_load(artifact: Path) -> None:
     """Every expert and attention linear is stored in the toy layout, and the loaded model computes
     with the weights the formula gives from the float model's."""
+    recorded = json.loads((artifact / "calibration.json").read_text())["recipe"]["quant"]
+    assert recorded == {"method": NAME, "bits": 2, "group_size": 128, "min_scale": 1e-6}  # its own settings only
     reader = CheckpointReader(artifact)
     names = [n for n in reader.where if n.endswith(".codes")]
     assert len(names) == 4 * (4 + 3 * 8)  # q/k/v/o and each expert's w1/w3/w2 in each of 4 layers

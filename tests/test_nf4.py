@@ -30,7 +30,7 @@ def _bnb_linear4bit_state_dict(weight: torch.Tensor, double_quant: bool) -> dict
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_tensors_are_what_linear4bit_saves(double_quant: bool, dtype: torch.dtype) -> None:
     weight = _weight(dtype)
-    method = get_method(QuantConfig(MethodName.NF4, double_quant=double_quant))
+    method = get_method(QuantConfig.of(MethodName.NF4, double_quant=double_quant))
     tensors = method.quantize(weight).tensors
     reference = _bnb_linear4bit_state_dict(weight, double_quant)
     assert sorted(tensors) == sorted(reference) == sorted(method.tensor_names())
@@ -40,7 +40,7 @@ def test_tensors_are_what_linear4bit_saves(double_quant: bool, dtype: torch.dtyp
 
 
 def test_serialized_state_names_the_format() -> None:
-    tensors = get_method(QuantConfig(MethodName.NF4)).quantize(_weight(torch.bfloat16)).tensors
+    tensors = get_method(QuantConfig.of(MethodName.NF4)).quantize(_weight(torch.bfloat16)).tensors
     assert tensors["weight"].dtype == torch.uint8 and tuple(tensors["weight"].shape) == (OUT * IN // 2, 1)
     assert tuple(tensors["weight.quant_map"].shape) == (16,)
     assert tuple(tensors["weight.nested_quant_map"].shape) == (256,)
@@ -51,7 +51,7 @@ def test_serialized_state_names_the_format() -> None:
 @pytest.mark.parametrize("blocksize", [64, 128])
 def test_round_trip_equals_bitsandbytes_dequantize(blocksize: int) -> None:
     weight = _weight()
-    method = get_method(QuantConfig(MethodName.NF4, nf4_blocksize=blocksize))
+    method = get_method(QuantConfig.of(MethodName.NF4, nf4_blocksize=blocksize))
     result = method.quantize(weight)
     codes, state = bnbf.quantize_4bit(weight, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
     expected = bnbf.dequantize_4bit(codes, state)
@@ -62,7 +62,7 @@ def test_round_trip_equals_bitsandbytes_dequantize(blocksize: int) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_module_output_is_x_times_dequantized_weight(dtype: torch.dtype) -> None:
-    method = get_method(QuantConfig(MethodName.NF4))
+    method = get_method(QuantConfig.of(MethodName.NF4))
     tensors = method.quantize(_weight(dtype)).tensors
     module = method.make_module(tensors, IN, OUT)
     x = torch.randn(2, 5, IN, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -75,7 +75,7 @@ def test_module_output_is_x_times_dequantized_weight(dtype: torch.dtype) -> None
 
 
 def test_module_rejects_wrong_shape_and_missing_keys() -> None:
-    method = get_method(QuantConfig(MethodName.NF4))
+    method = get_method(QuantConfig.of(MethodName.NF4))
     tensors = method.quantize(_weight()).tensors
     with pytest.raises(CheckpointError, match="expected"):
         method.make_module(tensors, OUT, IN)
@@ -84,7 +84,7 @@ def test_module_rejects_wrong_shape_and_missing_keys() -> None:
 
 
 def test_nf4_quantization_config_matches_transformers() -> None:
-    cfg = get_method(QuantConfig(MethodName.NF4)).quantization_config()
+    cfg = get_method(QuantConfig.of(MethodName.NF4)).quantization_config()
     transformers = pytest.importorskip("transformers")
     expected = transformers.BitsAndBytesConfig(
         load_in_4bit=True,
@@ -104,7 +104,7 @@ def test_bands_give_the_bytes_of_one_bitsandbytes_call(double_quant: bool) -> No
 
     g = torch.Generator().manual_seed(2)
     weight = (torch.randn(2 * BAND + 64, 128, generator=g) * 0.05).to(torch.bfloat16)
-    method = get_method(QuantConfig(MethodName.NF4, double_quant=double_quant))
+    method = get_method(QuantConfig.of(MethodName.NF4, double_quant=double_quant))
     tensors = method.quantize_widened(weight).tensors  # type: ignore[attr-defined]
     codes, state = bnbf.quantize_4bit(weight.float(), blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     reference = {"weight": codes} | {f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}

@@ -17,7 +17,7 @@ from mixtral_quant.quant import HessianAccumulator, MethodName, QuantConfig, get
 from mixtral_quant.quant.q4_k import Q4_K_BYTES, dequantize_q4_k, pack_q4_k, q4_k_grid, quantize_q4_k
 
 Q4_K = gguf.GGMLQuantizationType.Q4_K
-CONFIG = QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=32, act_order=True)
+CONFIG = QuantConfig.of(MethodName.GPTQ_Q4_K, bits=4, group_size=32, act_order=True)
 
 
 def ggml_q4_k(w: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def test_runtime_module_equals_gguf_py() -> None:
 
     w = awkward_weights()
     packed = torch.from_numpy(quantize_q4_k(w))
-    method = get_method(QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=32))
+    method = get_method(QuantConfig.of(MethodName.GPTQ_Q4_K, bits=4, group_size=32))
     module = method.make_module({"q4_k": packed}, w.shape[1], w.shape[0])
     assert np.array_equal(module.weight_float().numpy(), gguf.quants.dequantize(packed.numpy(), Q4_K))
     state = module.state_dict()
@@ -132,6 +132,6 @@ def test_config_round_trip_and_shape_errors() -> None:
     method = get_method(CONFIG)
     assert read_quantization_config(method.quantization_config()) == CONFIG
     with pytest.raises(ConfigError, match="group_size 32"):
-        QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=128)
+        QuantConfig.of(MethodName.GPTQ_Q4_K, bits=4, group_size=128)
     with pytest.raises(ConfigError, match="multiple of 256"):
         method.quantize(torch.randn(64, 128), None)

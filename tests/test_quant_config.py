@@ -27,8 +27,31 @@ from mixtral_quant.quant import MethodName, QuantConfig, get_method, read_quanti
     ],
 )
 def test_bad_settings_are_config_errors(kw: dict[str, object], message: str) -> None:
+    method = kw.pop("method")
     with pytest.raises(ConfigError, match=message):
-        QuantConfig(**kw)  # type: ignore[arg-type]
+        QuantConfig.of(method, **kw)  # type: ignore[arg-type]
+
+
+def test_a_method_owns_its_settings() -> None:
+    """Each method reads its own settings dataclass: another method's setting is refused by name, the
+    flat fields go back and forth, and a config holding another method's settings is refused."""
+    from mixtral_quant.quant.gptq import GPTQOptions
+    from mixtral_quant.quant.nf4 import NF4Options
+
+    with pytest.raises(ConfigError, match="gptq has no setting nf4_blocksize: its settings are bits, group_size, "
+                                          "act_order, damp_auto_increase"):  # fmt: skip
+        QuantConfig.of(MethodName.GPTQ, nf4_blocksize=64)
+    with pytest.raises(ConfigError, match="w8 has no setting sym"):
+        QuantConfig.of(MethodName.W8, bits=8, sym=True)
+    with pytest.raises(ConfigError, match="nf4 takes NF4Options settings, not GPTQOptions"):
+        QuantConfig(MethodName.NF4, options=GPTQOptions())
+    cfg = QuantConfig.of(MethodName.GPTQ, bits=3, act_order=True, damp_percent=0.05)
+    assert cfg.options == GPTQOptions(act_order=True, damp_percent=0.05)
+    assert QuantConfig.of(cfg.method, **cfg.flat()) == cfg
+    assert cfg.with_fields(group_size=32).options == cfg.options and cfg.with_fields(group_size=32).group_size == 32
+    assert QuantConfig(MethodName.NF4).options == NF4Options()
+    assert set(QuantConfig(MethodName.NF4).flat()) == {"bits", "group_size", "nf4_blocksize", "double_quant",
+                                                       "compute_dtype"}  # fmt: skip
 
 
 def test_method_value_is_accepted_and_native_bits_filled() -> None:
@@ -47,7 +70,7 @@ def test_method_value_is_accepted_and_native_bits_filled() -> None:
     ],
 )
 def test_validate_shape_names_the_sizes(kw: dict[str, object], shape: tuple[int, int], message: str) -> None:
-    cfg = QuantConfig(MethodName.GPTQ, **kw)  # type: ignore[arg-type]
+    cfg = QuantConfig.of(MethodName.GPTQ, **kw)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match=message):
         cfg.validate_shape(in_features=shape[1], out_features=shape[0])
     with pytest.raises(ConfigError, match=message):
@@ -56,7 +79,7 @@ def test_validate_shape_names_the_sizes(kw: dict[str, object], shape: tuple[int,
 
 def test_mixtral_shapes_are_valid() -> None:
     for bits in (2, 3, 4, 8):
-        cfg = QuantConfig(MethodName.GPTQ, bits=bits)
+        cfg = QuantConfig.of(MethodName.GPTQ, bits=bits)
         for out_features, in_features in ((14336, 4096), (4096, 14336), (1024, 4096)):
             cfg.validate_shape(in_features, out_features)
 
@@ -65,7 +88,7 @@ def test_non_finite_weight_is_refused() -> None:
     weight = torch.zeros(32, 64)
     weight[1, 2] = float("nan")
     with pytest.raises(MixtralQuantError, match="NaN"):
-        get_method(QuantConfig(MethodName.RTN, group_size=32)).quantize(weight)
+        get_method(QuantConfig.of(MethodName.RTN, group_size=32)).quantize(weight)
 
 
 def test_registry_covers_every_method() -> None:
@@ -82,13 +105,13 @@ def test_registry_covers_every_method() -> None:
 
 
 @pytest.mark.parametrize("config", [
-    QuantConfig(MethodName.GPTQ, bits=3, group_size=64, sym=False, act_order=True, static_groups=False,
+    QuantConfig.of(MethodName.GPTQ, bits=3, group_size=64, sym=False, act_order=True, static_groups=False,
                 damp_percent=0.05),
-    QuantConfig(MethodName.GPTQ, bits=8, group_size=-1),
-    QuantConfig(MethodName.NF4, double_quant=False),
+    QuantConfig.of(MethodName.GPTQ, bits=8, group_size=-1),
+    QuantConfig.of(MethodName.NF4, double_quant=False),
     QuantConfig.for_method(MethodName.INT8),
     QuantConfig.for_method(MethodName.W8),
-    QuantConfig(MethodName.GPTQ_Q4_K, group_size=32, act_order=True, damp_percent=0.02),
+    QuantConfig.of(MethodName.GPTQ_Q4_K, group_size=32, act_order=True, damp_percent=0.02),
 ])
 def test_each_method_reads_back_the_quantization_config_it_writes(config: QuantConfig) -> None:
     """The entry a method writes into config.json reads back, through the registry, as the settings
@@ -98,7 +121,7 @@ def test_each_method_reads_back_the_quantization_config_it_writes(config: QuantC
 
 def test_rtn_reads_back_as_gptq_and_foreign_entries_are_refused() -> None:
     """RTN writes the GPTQ layout and GPTQModel's entry: it loads as GPTQ with the same grid."""
-    rtn = QuantConfig(MethodName.RTN, bits=4, group_size=128, sym=False)
+    rtn = QuantConfig.of(MethodName.RTN, bits=4, group_size=128, sym=False)
     assert read_quantization_config(get_method(rtn).quantization_config()) == replace(rtn, method=MethodName.GPTQ)
     for entry in ({"quant_method": "awq", "bits": 4}, {"quant_method": "bitsandbytes"}, ["gptq"]):
         with pytest.raises(ConfigError, match="quantization_config"):

@@ -173,7 +173,7 @@ def codebook(q: QuantConfig | None) -> bool:
 
 def requantize(lin: LinearWeights, bits: int, block: int) -> BlockQuant:
     """Round-to-nearest asymmetric ``bits``-bit blocks of the dequantized weight (NF4 experts)."""
-    cfg = QuantConfig(MethodName.RTN, bits=bits, group_size=block, sym=False)
+    cfg = QuantConfig.of(MethodName.RTN, bits=bits, group_size=block, sym=False)
     w = torch.from_numpy(lin.dequantized())
     stored = LinearWeights(lin.prefix, lin.out_features, lin.in_features, cfg, get_method(cfg).quantize(w).tensors)
     form = block_quant(stored)

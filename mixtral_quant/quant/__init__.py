@@ -5,7 +5,7 @@ make_module, quantization_config and reading it back, the widths it stores, its 
 exporters) and is found by its name in the registry. Adding a method is one module and one
 :func:`register` call: recipes, loading, evaluation and both exporters then take it.
 
-    method = get_method(QuantConfig(MethodName.GPTQ, bits=4, group_size=128))
+    method = get_method(QuantConfig.of(MethodName.GPTQ, bits=4, group_size=128))
     result = method.quantize(weight, hessian)  # result.tensors: {"qweight": ..., ...}
     layer = method.make_module(result.tensors, in_features, out_features)
 """

@@ -33,7 +33,14 @@ from dataclasses import dataclass
 import torch
 
 from mixtral_quant.quant.base import ROW_BAND, QuantConfig, QuantResult
-from mixtral_quant.quant.gptq import group_grid, grouped_dequantize, quantize_codes, rtn_quantize, unusable_hessian
+from mixtral_quant.quant.gptq import (
+    gptq_options,
+    group_grid,
+    grouped_dequantize,
+    quantize_codes,
+    rtn_quantize,
+    unusable_hessian,
+)
 from mixtral_quant.quant.gptq_method import GPTQ, RTN, check_weight, rtn_checkpoint
 
 FakeQuant = Callable[[torch.Tensor], torch.Tensor]  # float [O, I] -> its quantized-and-dequantized float
@@ -105,7 +112,7 @@ def clip_ratios(weight: torch.Tensor, hessian: torch.Tensor, cfg: QuantConfig,
         best = torch.full(w.shape[:2], float("inf"), device=weight.device)
         pick = best_ratio[start : start + ROW_BAND]
         for r in ratios:
-            scale, zero = group_grid(w, cfg.bits, cfg.sym, r)
+            scale, zero = group_grid(w, cfg.bits, gptq_options(cfg).sym, r)
             deq = (quantize_codes(w, scale[..., None], zero[..., None], cfg.bits) - zero[..., None]) * scale[..., None]
             e = (w - deq).transpose(0, 1)  # [G, B, g]
             err = (torch.bmm(e, blocks) * e).sum(-1).t()  # [B, G]

@@ -10,7 +10,7 @@ A method is known by the name it is registered under (:func:`register`; the buil
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any, Protocol
 
@@ -57,7 +57,6 @@ def registered() -> dict[str, type[Method]]:
     return dict(_REGISTRY)
 
 
-NF4_BLOCKSIZES = frozenset({32, 64, 128, 256, 512, 1024, 2048, 4096})
 GROUP_QUANTUM = 32  # group sizes are multiples of this (whole 3-bit packing runs)
 # Codes per packing run (see packing.LAYOUTS): the packed dimension must be a multiple.
 PACK_RUN = {2: 16, 3: 32, 4: 8, 8: 4}
@@ -65,35 +64,34 @@ ROW_BAND = 1024  # rows widened to float32 at a time by banded quantize, dequant
 
 
 @dataclass(frozen=True)
-class QuantConfig:
-    """Settings of one quantization method; validated on construction (ConfigError).
+class NoOptions:
+    """The settings of a method that has none beyond its width and group size."""
 
-    GPTQ names follow GPTQModel's quantize_config: ``act_order`` is ``desc_act``; with
-    ``static_groups`` the groups' scales and zeros are fixed from the unquantized weights before
-    the column sweep, so ``g_idx`` stays ``i // group_size`` even with act-order. ``damp_percent``
-    is the fraction of the mean Hessian diagonal added to it; with ``damp_auto_increase`` a
-    failed Cholesky multiplies it by 10, up to ``MAX_DAMP_RETRIES`` times.
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """One quantization method and its settings; validated on construction (ConfigError).
+
+    Every method has a width and a group size; what else it reads is its own settings dataclass,
+    ``options``, an instance of the method's ``Options`` (None: the method's defaults). Build one from
+    flat fields, as a recipe's ``[quant]`` table gives them, with :meth:`of`.
     """
 
     method: MethodName | str  # a MethodName for the built-in methods, the registered name otherwise
     bits: int = 4
     group_size: int = 128  # -1: one group spanning the whole input row
-    sym: bool = True
-    act_order: bool = False
-    static_groups: bool = True
-    damp_percent: float = 0.01
-    damp_auto_increase: bool = True
-    lazy_block: int = 128
-    true_sequential: bool = True  # recorded in quantization_config; the driver's ordering
-    nf4_blocksize: int = 64
-    double_quant: bool = True
-    compute_dtype: torch.dtype = torch.bfloat16  # bnb_4bit_compute_dtype in quantization_config
-    int8_threshold: float = 6.0  # LLM.int8() activation outlier threshold
+    options: Any = None  # the method's Options instance
 
     def __post_init__(self) -> None:
         method = method_class(self.method_name)
         if self.method_name in MethodName._value2member_map_:
             object.__setattr__(self, "method", MethodName(self.method_name))
+        options = options_class(self.method_name)
+        if self.options is None:
+            object.__setattr__(self, "options", options())
+        elif type(self.options) is not options:
+            raise ConfigError(f"{self.method_name} takes {options.__name__} settings, "
+                              f"not {type(self.options).__name__}")  # fmt: skip
         if self.bits not in method.allowed_bits:
             raise ConfigError(f"{self.method_name} cannot store {self.bits}-bit weights: bits must be one of "
                               f"{sorted(method.allowed_bits)}")
@@ -101,16 +99,6 @@ class QuantConfig:
             raise ConfigError(
                 f"group_size {self.group_size} is invalid: use -1 or a positive multiple of {GROUP_QUANTUM}"
             )
-        if not 0.0 < self.damp_percent < 1.0:
-            raise ConfigError(f"damp_percent {self.damp_percent} is invalid: it must lie in (0, 1)")
-        if self.lazy_block <= 0:
-            raise ConfigError(f"lazy_block {self.lazy_block} is invalid: it must be positive")
-        if self.nf4_blocksize not in NF4_BLOCKSIZES:
-            raise ConfigError(f"nf4_blocksize {self.nf4_blocksize} is invalid: use one of {sorted(NF4_BLOCKSIZES)}")
-        if self.compute_dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ConfigError(f"compute_dtype {self.compute_dtype} is invalid: use float16, bfloat16 or float32")
-        if self.int8_threshold < 0.0:
-            raise ConfigError(f"int8_threshold {self.int8_threshold} is invalid: it must be >= 0")
         check = getattr(method, "check_config", None)
         if check is not None:
             check(self)
@@ -121,10 +109,31 @@ class QuantConfig:
         return name_of(self.method)
 
     @classmethod
-    def for_method(cls, method: MethodName | str, **overrides: Any) -> QuantConfig:
-        """A config with the method's native bit width (8 for int8/w8, 4 otherwise) unless overridden."""
-        overrides.setdefault("bits", method_class(name_of(method)).native_bits)
-        return cls(method=method, **overrides)
+    def of(cls, method: MethodName | str, **fields: Any) -> QuantConfig:
+        """A config from flat fields: ``bits``, ``group_size`` and the names of the method's own settings
+        (ConfigError for a name the method does not have)."""
+        names = option_names(method)
+        unknown = sorted(set(fields) - names - {"bits", "group_size"})
+        if unknown:
+            raise ConfigError(f"{name_of(method)} has no setting {', '.join(unknown)}: its settings are "
+                              f"{', '.join(['bits', 'group_size', *sorted(names)])}")  # fmt: skip
+        options = options_class(method)(**{k: v for k, v in fields.items() if k in names})
+        common = {k: v for k, v in fields.items() if k in ("bits", "group_size")}
+        return cls(method, options=options, **common)
+
+    @classmethod
+    def for_method(cls, method: MethodName | str, **fields: Any) -> QuantConfig:
+        """:meth:`of` with the method's native bit width (8 for int8/w8, 4 otherwise) unless given."""
+        fields.setdefault("bits", method_class(name_of(method)).native_bits)
+        return cls.of(method, **fields)
+
+    def flat(self) -> dict[str, Any]:
+        """``bits``, ``group_size`` and the method's own settings, by name (the inverse of :meth:`of`)."""
+        return {"bits": self.bits, "group_size": self.group_size, **asdict(self.options)}
+
+    def with_fields(self, **fields: Any) -> QuantConfig:
+        """This config with some flat fields replaced."""
+        return QuantConfig.of(self.method, **(self.flat() | fields))
 
     def group_size_for(self, in_features: int) -> int:
         """The effective group size for a layer (``in_features`` when group_size is -1)."""
@@ -137,6 +146,17 @@ class QuantConfig:
         check = getattr(method_class(self.method_name), "check_shape", None)
         if check is not None:
             check(self, in_features, out_features)
+
+
+def options_class(method: MethodName | str) -> type:
+    """A method's settings dataclass (its ``Options``; :class:`NoOptions` when it declares none)."""
+    options: type = getattr(method_class(name_of(method)), "Options", NoOptions)
+    return options
+
+
+def option_names(method: MethodName | str) -> set[str]:
+    """The names of a method's own settings (its Options' fields)."""
+    return {f.name for f in fields(options_class(method))}
 
 
 @dataclass
@@ -155,6 +175,10 @@ class Method(Protocol):
     without a whole float32 copy) is given the weight as stored, and one that has
     ``dequantize_rows(tensors, start, stop)`` (rows of :meth:`dequantize`) has its error measured a
     band at a time.
+
+    A class attribute ``Options``, the method's settings dataclass, says what a recipe's ``[quant]`` table
+    may set beside ``bits`` and ``group_size``, each field with its default, checked when it is made
+    (a method without one has :class:`NoOptions`).
 
     Two optional static methods refine :class:`QuantConfig`'s checks: ``check_config(config)`` and
     ``check_shape(config, in_features, out_features)`` raise ConfigError for settings or weight shapes

@@ -16,15 +16,45 @@ Two choices beyond the reference, both so the stored checkpoint is exact:
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
-from mixtral_quant.errors import MixtralQuantError
+from mixtral_quant.errors import ConfigError, MixtralQuantError
 from mixtral_quant.quant.base import ROW_BAND, QuantConfig
 
 MAX_DAMP_RETRIES = 4  # damping grows x10 per retry: 0.01 -> 100 times the mean diagonal at most
 _MIN_SCALE = float(torch.finfo(torch.float16).tiny)  # smallest normal fp16
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """The settings of the GPTQ-layout methods (GPTQ, RTN, AWQ, Q4_K), named as GPTQModel's quantize_config
+    names them: ``act_order`` is ``desc_act``; with ``static_groups`` the groups' scales and zeros are fixed
+    from the unquantized weights before the column sweep, so ``g_idx`` stays ``i // group_size`` even with
+    act-order. ``damp_percent`` is the fraction of the mean Hessian diagonal added to it; with
+    ``damp_auto_increase`` a failed Cholesky multiplies it by 10, up to ``MAX_DAMP_RETRIES`` times."""
+
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = True
+    damp_percent: float = 0.01
+    damp_auto_increase: bool = True
+    lazy_block: int = 128
+    true_sequential: bool = True  # recorded in quantization_config; the driver's ordering
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.damp_percent < 1.0:
+            raise ConfigError(f"damp_percent {self.damp_percent} is invalid: it must lie in (0, 1)")
+        if self.lazy_block <= 0:
+            raise ConfigError(f"lazy_block {self.lazy_block} is invalid: it must be positive")
+
+
+def gptq_options(cfg: QuantConfig) -> GPTQOptions:
+    """The GPTQ settings of a GPTQ-layout method's config."""
+    assert isinstance(cfg.options, GPTQOptions), cfg
+    return cfg.options
 
 
 class HessianNotPositiveDefinite(MixtralQuantError):
@@ -156,7 +186,7 @@ def rtn_quantize(weight: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | No
     group = cfg.group_size_for(in_features)
     w = weight.to(torch.float32)
     grouped = w.reshape(out_features, in_features // group, group)  # [O, G, g]
-    scale, zero = group_grid(grouped, cfg.bits, cfg.sym, clip)  # [O, G]
+    scale, zero = group_grid(grouped, cfg.bits, gptq_options(cfg).sym, clip)  # [O, G]
     q = quantize_codes(grouped, scale[..., None], zero[..., None], cfg.bits)
     g_idx = torch.arange(in_features, device=w.device, dtype=torch.int32) // group
     result = QuantizedWeight(
@@ -225,8 +255,9 @@ def _damped_inverse_cholesky(h: torch.Tensor, perm: torch.Tensor, cfg: QuantConf
     diag = torch.empty(n, 2, dtype=h.dtype, device=h.device)[:, 0]
     diag.copy_(h.diagonal().index_select(0, perm))
     mean_diag = float(diag.mean())
-    percent = cfg.damp_percent
-    retries = MAX_DAMP_RETRIES if cfg.damp_auto_increase else 0
+    opts = gptq_options(cfg)
+    percent = opts.damp_percent
+    retries = MAX_DAMP_RETRIES if opts.damp_auto_increase else 0
     rev = perm.flip(0)
     for attempt in range(retries + 1):
         # J P H P^T J in a column-major buffer, a band of rows at a time; factored and inverted in place
@@ -279,7 +310,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
 
     With ``grid`` (over the stacked rows) the sweep quantizes onto it as onto static groups, and the
     results' ``zeros`` hold its offsets (float32)."""
-    in_features = weights[0].shape[1]
+    in_features, opts = weights[0].shape[1], gptq_options(cfg)
     for weight in weights:
         if weight.dim() != 2 or weight.shape[1] != in_features or hessian.shape != (in_features, in_features):
             raise MixtralQuantError(
@@ -299,7 +330,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
         h.diagonal()[dead] = 1.0
     try:
         perm = torch.arange(in_features, device=device)
-        if cfg.act_order:  # columns with the largest Hessian diagonal first
+        if opts.act_order:  # columns with the largest Hessian diagonal first
             perm = torch.argsort(h.diagonal(), descending=True)
         hinv, damp, retries = _damped_inverse_cholesky(h, perm, cfg)
     finally:
@@ -307,7 +338,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
             h.diagonal()[dead] = 0.0
 
     n_groups = in_features // group
-    static = cfg.static_groups or grid is not None
+    static = opts.static_groups or grid is not None
     if grid is None:
         scales = torch.zeros(n_groups, out_features, device=device)
         zeros = torch.zeros(n_groups, out_features, device=device)
@@ -320,11 +351,11 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
     for weight, start in zip(weights, starts, strict=True):
         for r in range(0, in_features, ROW_BAND):
             wt[r : r + ROW_BAND, start : start + weight.shape[0]] = weight.index_select(1, perm[r : r + ROW_BAND]).t()
-        if cfg.static_groups and grid is None:  # grids fixed before the sweep, on un-permuted columns
+        if opts.static_groups and grid is None:  # grids fixed before the sweep, on un-permuted columns
             for r in range(0, weight.shape[0], ROW_BAND):
                 wide = weight[r : r + ROW_BAND].to(torch.float32, copy=True)  # never a view of the caller's
                 wide[:, dead] = 0.0
-                fitted = group_grid(wide.reshape(wide.shape[0], n_groups, group), bits, cfg.sym)
+                fitted = group_grid(wide.reshape(wide.shape[0], n_groups, group), bits, opts.sym)
                 scales[:, start + r : start + r + wide.shape[0]] = fitted[0].t()
                 zeros[:, start + r : start + r + wide.shape[0]] = fitted[1].t()
     if fix:
@@ -333,8 +364,8 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
 
     qt = torch.zeros(wt.shape, dtype=torch.uint8, device=device)  # codes, [I, O] (at most 8 bits)
     loss = torch.zeros(out_features, dtype=torch.float64, device=device)  # per row of W
-    for i1 in range(0, in_features, cfg.lazy_block):
-        i2 = min(i1 + cfg.lazy_block, in_features)
+    for i1 in range(0, in_features, opts.lazy_block):
+        i2 = min(i1 + opts.lazy_block, in_features)
         w1 = wt[i1:i2].clone()
         q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
         band = hinv.rows(i1, i2)  # U[i1:i2, i1:]
@@ -346,7 +377,7 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
             else:
                 g = col // group
                 if col % group == 0:  # the reference: grid from W as of this block's start
-                    scales[g], zeros[g] = group_grid(wt[col : col + group].t(), bits, cfg.sym)
+                    scales[g], zeros[g] = group_grid(wt[col : col + group].t(), bits, opts.sym)
             wcol = w1[i]
             if grid is None:
                 q = quantize_codes(wcol, scales[g], zeros[g], bits)
@@ -364,8 +395,8 @@ def gptq_quantize_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, cf
 
     invperm = torch.argsort(perm)
     # act-order without static groups forms groups in permuted order: input i sits at position invperm[i]
-    g_idx = torch.arange(in_features, device=device) // group if static or not cfg.act_order else invperm // group
-    codes = qt.index_select(0, invperm) if cfg.act_order else qt  # [I, O], inputs in order
+    g_idx = torch.arange(in_features, device=device) // group if static or not opts.act_order else invperm // group
+    codes = qt.index_select(0, invperm) if opts.act_order else qt  # [I, O], inputs in order
     del qt
     out = []
     for weight, start in zip(weights, starts, strict=True):

@@ -31,8 +31,10 @@ from mixtral_quant.quant.base import (
 )
 from mixtral_quant.quant.block_form import BlockQuant, GridSignature, block_choices
 from mixtral_quant.quant.gptq import (
+    GPTQOptions,
     HessianNotPositiveDefinite,
     QuantizedWeight,
+    gptq_options,
     gptq_quantize_stacked,
     grouped_dequantize,
     rtn_quantize,
@@ -131,6 +133,7 @@ class GPTQLayout:
     at a time, so it is also ``quantize_widened``; ``dequantize_rows`` reads back a band, so the
     calibration driver's error check never holds a whole float32 weight either."""
 
+    Options = GPTQOptions
     config_files: tuple[str, ...] = ("quantize_config.json",)
     allowed_bits = frozenset({2, 3, 4, 8})
     native_bits = 4
@@ -158,7 +161,7 @@ class GPTQLayout:
             return None
         if entry.get("format", "gptq") not in ("gptq", None) or entry.get("checkpoint_format", "gptq") != "gptq":
             raise ConfigError(f"GPTQ format {entry.get('format')!r} is not supported; only 'gptq' (v1 zeros) is")
-        return QuantConfig(
+        return QuantConfig.of(
             MethodName.GPTQ,
             bits=entry_int(entry, "bits"),
             group_size=entry_int(entry, "group_size", 128),
@@ -246,15 +249,15 @@ class GPTQLayout:
 
     def quantization_config(self) -> dict[str, Any]:
         """GPTQModel's quantize_config keys (format ``gptq``, v1 zeros)."""
-        cfg = self.config
+        cfg, opts = self.config, gptq_options(self.config)
         return {
             "bits": cfg.bits,
             "group_size": cfg.group_size,
-            "desc_act": cfg.act_order,
-            "sym": cfg.sym,
-            "damp_percent": cfg.damp_percent,
-            "true_sequential": cfg.true_sequential,
-            "static_groups": cfg.static_groups,
+            "desc_act": opts.act_order,
+            "sym": opts.sym,
+            "damp_percent": opts.damp_percent,
+            "true_sequential": opts.true_sequential,
+            "static_groups": opts.static_groups,
             "quant_method": "gptq",
             "format": "gptq",
             "checkpoint_format": "gptq",

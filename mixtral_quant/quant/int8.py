@@ -14,17 +14,19 @@ chosen against the fp16-rounded scale, so the stored tensors are exactly the qua
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
 
+from mixtral_quant.errors import ConfigError
 from mixtral_quant.quant.base import MethodName, QuantConfig, QuantResult, check_weight
 from mixtral_quant.quant.block_form import BlockQuant, GridSignature, block_choices
 from mixtral_quant.quant.int8_linear import Int8Linear
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
-from mixtral_quant.quant.nf4 import bitsandbytes_config
+from mixtral_quant.quant.nf4 import DEFAULT_INT8_THRESHOLD, bitsandbytes_config
 
 INT8_TENSORS = ["weight", "SCB", "weight_format"]
 W8_TENSORS = ["weight", "weight_scale"]
@@ -37,12 +39,24 @@ def row_form(codes: torch.Tensor, scale: torch.Tensor) -> BlockQuant:
     return BlockQuant((codes.to(torch.int16) + 128).to(torch.uint8).numpy(), scale[:, None].numpy(), None, 8, None)
 
 
+@dataclass(frozen=True)
+class Int8Options:
+    """LLM.int8's one setting: the activation magnitude from which an input column is an outlier."""
+
+    int8_threshold: float = DEFAULT_INT8_THRESHOLD
+
+    def __post_init__(self) -> None:
+        if not self.int8_threshold >= 0.0:
+            raise ConfigError(f"int8_threshold {self.int8_threshold} is invalid: it must be >= 0")
+
+
 class INT8:
     """bitsandbytes LLM.int8(); runtime module :class:`Int8Linear` (``Linear8bitLt``'s arithmetic and state)."""
 
     needs_hessian = False
     config_files: tuple[str, ...] = ()
     allowed_bits = frozenset({8})
+    Options = Int8Options
     native_bits = 8
 
     def __init__(self, config: QuantConfig) -> None:
@@ -83,10 +97,11 @@ class INT8:
         require_tensors(tensors, INT8_TENSORS, "INT8")
         require_shape("weight", tensors["weight"], (out_features, in_features))
         require_shape("SCB", tensors["SCB"], (out_features,))
-        return Int8Linear({name: tensors[name] for name in INT8_TENSORS}, self.config.int8_threshold).eval()
+        threshold = self.config.options.int8_threshold
+        return Int8Linear({name: tensors[name] for name in INT8_TENSORS}, threshold).eval()
 
     def quantization_config(self) -> dict[str, Any]:
-        return bitsandbytes_config(self.config, load_in_4bit=False)
+        return bitsandbytes_config(load_in_4bit=False, int8_threshold=self.config.options.int8_threshold)
 
 
 class W8:

@@ -11,6 +11,7 @@ the weight's own dtype (fp16, bf16 or fp32), as transformers does when it quanti
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import bitsandbytes as bnb
@@ -32,19 +33,42 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def bitsandbytes_config(config: QuantConfig, load_in_4bit: bool) -> dict[str, Any]:
-    """transformers ``BitsAndBytesConfig(...).to_dict()`` for NF4 (4-bit) or LLM.int8 (8-bit)."""
+NF4_BLOCKSIZES = frozenset({32, 64, 128, 256, 512, 1024, 2048, 4096})
+DEFAULT_INT8_THRESHOLD = 6.0  # BitsAndBytesConfig's llm_int8_threshold default
+
+
+@dataclass(frozen=True)
+class NF4Options:
+    """NF4's settings: bitsandbytes' block size, double quantization of the absmax, and the compute dtype
+    written as ``bnb_4bit_compute_dtype`` (not a recipe key)."""
+
+    nf4_blocksize: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self) -> None:
+        if self.nf4_blocksize not in NF4_BLOCKSIZES:
+            raise ConfigError(f"nf4_blocksize {self.nf4_blocksize} is invalid: use one of {sorted(NF4_BLOCKSIZES)}")
+        if self.compute_dtype not in _BNB_DTYPES:
+            raise ConfigError(f"compute_dtype {self.compute_dtype} is invalid: use float16, bfloat16 or float32")
+
+
+def bitsandbytes_config(load_in_4bit: bool, nf4: NF4Options | None = None,
+                        int8_threshold: float = DEFAULT_INT8_THRESHOLD) -> dict[str, Any]:  # fmt: skip
+    """transformers ``BitsAndBytesConfig(...).to_dict()`` for NF4 (4-bit, ``nf4`` its settings) or LLM.int8
+    (8-bit)."""
+    nf4 = nf4 or NF4Options()
     return {
         "quant_method": "bitsandbytes",
         "_load_in_8bit": not load_in_4bit,
         "_load_in_4bit": load_in_4bit,
-        "llm_int8_threshold": config.int8_threshold,
+        "llm_int8_threshold": int8_threshold,
         "llm_int8_skip_modules": None,
         "llm_int8_enable_fp32_cpu_offload": False,
         "llm_int8_has_fp16_weight": False,
         "bnb_4bit_quant_type": "nf4" if load_in_4bit else "fp4",
-        "bnb_4bit_use_double_quant": config.double_quant if load_in_4bit else False,
-        "bnb_4bit_compute_dtype": _dtype_name(config.compute_dtype if load_in_4bit else torch.float32),
+        "bnb_4bit_use_double_quant": nf4.double_quant if load_in_4bit else False,
+        "bnb_4bit_compute_dtype": _dtype_name(nf4.compute_dtype if load_in_4bit else torch.float32),
         "bnb_4bit_quant_storage": "uint8",
         "load_in_4bit": load_in_4bit,
         "load_in_8bit": not load_in_4bit,
@@ -54,13 +78,15 @@ def bitsandbytes_config(config: QuantConfig, load_in_4bit: bool) -> dict[str, An
 class NF4:
     """bitsandbytes NF4; runtime module is ``bnb.nn.Linear4bit`` (CPU and CUDA kernels)."""
 
+    Options = NF4Options
     needs_hessian = False
     config_files: tuple[str, ...] = ()
     allowed_bits = frozenset({4})
     native_bits = 4
 
     def __init__(self, config: QuantConfig) -> None:
-        self.config = config
+        assert isinstance(config.options, NF4Options), config
+        self.config, self.options = config, config.options
 
     @staticmethod
     def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:
@@ -69,7 +95,8 @@ class NF4:
             return None
         if entry.get("bnb_4bit_quant_type", "nf4") != "nf4":
             raise ConfigError(f"bitsandbytes 4-bit type {entry.get('bnb_4bit_quant_type')!r} is not supported")
-        return QuantConfig(MethodName.NF4, bits=4, double_quant=bool(entry.get("bnb_4bit_use_double_quant", False)))
+        return QuantConfig.of(MethodName.NF4, bits=4,
+                              double_quant=bool(entry.get("bnb_4bit_use_double_quant", False)))  # fmt: skip
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None = None) -> QuantResult:
         check_weight(weight, self.config)
@@ -85,7 +112,7 @@ class NF4:
         the blocks fit whole in a row: a block's codes and absmax depend on its own values only, so the
         bands give the codes and absmax of one call; the absmax are then double-quantized together as
         ``quantize_4bit`` does (offset their mean, 8-bit blocks of 256)."""
-        cfg, (rows, cols) = self.config, weight.shape
+        cfg, (rows, cols) = self.options, weight.shape
         band = ROW_BAND if cols % cfg.nf4_blocksize == 0 else rows
         parts = [torch.ops.bitsandbytes.quantize_4bit.default(weight[r : r + band].to(dtype).contiguous(),
                                                               cfg.nf4_blocksize, "nf4", torch.uint8)
@@ -142,7 +169,7 @@ class NF4:
         return bnbf.dequantize_4bit(codes, band).to(torch.float32)
 
     def tensor_names(self) -> list[str]:
-        nested = _NESTED_KEYS if self.config.double_quant else []
+        nested = _NESTED_KEYS if self.options.double_quant else []
         return ["weight", *_STATE_KEYS, *nested]
 
     def make_module(self, tensors: Mapping[str, torch.Tensor], in_features: int, out_features: int) -> nn.Module:
@@ -153,7 +180,7 @@ class NF4:
             out_features,
             bias=False,
             compute_dtype=None,
-            compress_statistics=self.config.double_quant,
+            compress_statistics=self.options.double_quant,
             quant_type="nf4",
             device="meta",
         )
@@ -168,4 +195,4 @@ class NF4:
         return module
 
     def quantization_config(self) -> dict[str, Any]:
-        return bitsandbytes_config(self.config, load_in_4bit=True)
+        return bitsandbytes_config(load_in_4bit=True, nf4=self.options)

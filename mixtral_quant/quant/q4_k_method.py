@@ -14,7 +14,6 @@ round-to-nearest Q4_K, byte for byte what llama-quantize writes without an impor
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,14 @@ from mixtral_quant.quant.base import (
     entry_bool,
     entry_int,
 )
-from mixtral_quant.quant.gptq import AffineGrid, HessianNotPositiveDefinite, gptq_quantize_stacked, unusable_hessian
+from mixtral_quant.quant.gptq import (
+    AffineGrid,
+    GPTQOptions,
+    HessianNotPositiveDefinite,
+    gptq_options,
+    gptq_quantize_stacked,
+    unusable_hessian,
+)
 from mixtral_quant.quant.modules import DequantLinear, require_shape, require_tensors
 from mixtral_quant.quant.q4_k import Q4_K_BYTES, QK_K, SUB, dequantize_q4_k, pack_q4_k, q4_k_grid, q4_k_header
 
@@ -40,6 +46,7 @@ Q4_K_TENSORS = ["q4_k"]
 class GPTQQ4K:
     """GPTQ under llama.cpp's Q4_K constraints; llama.cpp's round-to-nearest Q4_K as its fallback."""
 
+    Options = GPTQOptions
     needs_hessian = True
     config_files: tuple[str, ...] = ()
     allowed_bits = frozenset({4})
@@ -64,7 +71,7 @@ class GPTQQ4K:
     def read_config(entry: Mapping[str, Any]) -> QuantConfig | None:
         if entry.get("quant_method") != "mixtral-quant" or entry.get("format") != "gguf-q4_k":
             return None
-        return QuantConfig(MethodName.GPTQ_Q4_K, bits=4, group_size=entry_int(entry, "group_size", 32),
+        return QuantConfig.of(MethodName.GPTQ_Q4_K, bits=4, group_size=entry_int(entry, "group_size", 32),
                            act_order=entry_bool(entry, "desc_act", False),
                            damp_percent=float(entry.get("damp_percent", 0.01)))
 
@@ -83,7 +90,7 @@ class GPTQQ4K:
         offsets = [g.scale_offset() for g in grids]  # [R, I/32] each
         stacked = AffineGrid(torch.from_numpy(np.concatenate([s for s, _ in offsets]).T.copy()),
                              torch.from_numpy(np.concatenate([o for _, o in offsets]).T.copy()))  # fmt: skip
-        cfg = replace(self.config, static_groups=True)
+        cfg = self.config.with_fields(static_groups=True)
         try:
             qws = gptq_quantize_stacked(weights, hessian, cfg, stacked)
         except HessianNotPositiveDefinite as err:
@@ -123,14 +130,14 @@ class GPTQQ4K:
 
     def quantization_config(self) -> dict[str, Any]:
         """This project's own entry: llama.cpp reads the bytes through ``export gguf``."""
-        cfg = self.config
+        opts = gptq_options(self.config)
         return {
             "quant_method": "mixtral-quant",
             "format": "gguf-q4_k",
             "bits": 4,
             "group_size": SUB,
             "super_block": QK_K,
-            "desc_act": cfg.act_order,
-            "damp_percent": cfg.damp_percent,
-            "true_sequential": cfg.true_sequential,
+            "desc_act": opts.act_order,
+            "damp_percent": opts.damp_percent,
+            "true_sequential": opts.true_sequential,
         }
