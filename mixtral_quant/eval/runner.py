@@ -295,8 +295,9 @@ def evaluate(
         bar.set_postfix_str(folder.name)
         models.append(_load(folder, run, measure=ranks.mine(k)))
     timed = [m for k, m in enumerate(models) if ranks.mine(k) and m.model is not None]
-    for m, speed in zip(timed, measure_speeds([m.model for m in timed if m.model is not None], run.tokens, run.ctx,
-                                              run.device), strict=True):  # fmt: skip
+    speeds = measure_speeds([m.model for m in timed if m.model is not None], run.tokens, run.ctx, run.device,
+                            progress=run.progress)  # fmt: skip
+    for m, speed in zip(timed, speeds, strict=True):
         m.speed = speed
     if ranks.world > 1:  # each model's speed and peak from the rank that measured it
         measured = ranks.gather({k: (m.peak, m.speed) for k, m in enumerate(models) if ranks.mine(k)},

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from mixtral_quant.cache import KVCache
 from mixtral_quant.errors import MixtralQuantError
@@ -100,6 +101,7 @@ def measure_speeds(
     decode_steps: int = 32,
     decode_prompt: int = 128,
     repeats: int = 5,
+    progress: bool = False,
 ) -> list[SpeedResult]:
     """Prefill and decode throughput of each of ``models`` (already on ``device``), in interleaved rounds."""
     device = torch.device(device)
@@ -111,7 +113,7 @@ def measure_speeds(
         _decode_seconds(model, plan, device)
     prefill: list[list[float]] = [[] for _ in models]
     decode: list[list[float]] = [[] for _ in models]
-    for _ in range(repeats):
+    for _ in tqdm(range(repeats), desc="speed", unit="round", leave=False, disable=not progress or not models):
         for k, model in enumerate(models):
             prefill[k].append(_prefill_seconds(model, plan, device))
             decode[k].append(_decode_seconds(model, plan, device))
