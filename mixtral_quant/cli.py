@@ -17,7 +17,7 @@ import torch
 from . import __version__
 from .device import resolve_device
 from .errors import MixtralQuantError
-from .recipe import shipped_recipes
+from .paths import shipped_recipes
 
 MODEL_HELP = "Model folder (Hugging Face layout). Default: the embedded tiny Mixtral."
 

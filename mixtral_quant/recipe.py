@@ -20,36 +20,17 @@ import math
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
-from importlib import resources
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import torch
 
 from .errors import ConfigError
+from .paths import BOUNDS as BOUNDS
+from .paths import CALIBRATION as CALIBRATION
+from .paths import CORPORA, RECIPES, shipped_recipes
 from .quant import QuantConfig, get_method, registered
 from .quant.base import options_class
-
-
-def _calibration_dir() -> Path:
-    """The folder of recipes/, bounds/ and corpora/.
-
-    The repository keeps calibration/ at its top level; pyproject's package-dir installs it as the package
-    ``mixtral_quant.calibration`` with what the tool reads at run time (recipes, bounds, wiki-train,
-    wiki-test, moby-dick, PROVENANCE.md; not the training-only corpora), which a wheel and an editable
-    install both import. Without it (an editable install made before that mapping, or a checkout on
-    PYTHONPATH): the checkout's calibration/.
-    """
-    try:
-        return Path(str(resources.files("mixtral_quant.calibration")))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[1] / "calibration"
-
-
-CALIBRATION = _calibration_dir()
-RECIPES = CALIBRATION / "recipes"
-CORPORA = CALIBRATION / "corpora"
-BOUNDS = CALIBRATION / "bounds"
 
 
 class ExpertPolicy(str, Enum):
@@ -219,7 +200,3 @@ def load_recipe(name_or_file: str | Path, **overrides: Any) -> Recipe:
     if cal_over:
         recipe = replace(recipe, calibration=replace(recipe.calibration, **cal_over))
     return recipe
-
-
-def shipped_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPES.glob("*.toml"))
