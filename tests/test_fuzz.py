@@ -12,7 +12,7 @@ import math
 import struct
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import pytest
 import torch
@@ -228,11 +228,17 @@ RECIPE_KEYS += [("keep", "components"), ("quant", "lazy_block"), ("quant", "nf4_
 
 
 def _check_recipe(r: Recipe) -> None:
+    """Every setting has its field's type (the method's own Options: a bool is not an int, an int may
+    stand for a finite float)."""
     q, c = r.quant, r.calibration
-    for value in (q.bits, q.group_size, q.lazy_block, q.nf4_blocksize, c.samples, c.seq_len, c.seed):
+    hints = {"bits": int, "group_size": int} | get_type_hints(type(q.options))
+    for key, value in q.flat().items():
+        if hints[key] in (int, bool):
+            assert type(value) is hints[key], (key, r)
+        elif hints[key] is float:
+            assert type(value) in (int, float) and math.isfinite(value), (key, r)
+    for value in (c.samples, c.seq_len, c.seed):
         assert type(value) is int, r
-    for value in (q.sym, q.act_order, q.static_groups, q.double_quant):
-        assert type(value) is bool, r
     assert c.samples >= 1 and c.seq_len >= 2 and isinstance(c.corpus, str)
     assert all(isinstance(k, str) for k in r.keep)
     r.to_dict()
