@@ -451,7 +451,7 @@ def test_one_group_per_row_experts_stay_qmoe(tmp_path: Path) -> None:
     become MatMulNBits with blocks of 128; the logits equal the dequantized PyTorch model's."""
     cfg, group = ROW_GROUP, 128
     assert cfg.hidden_size == group and cfg.intermediate_size == 2 * group
-    folder = save_artifact(random_model(cfg, seed=5), tmp_path / "gptq", QuantConfig.of(MethodName.GPTQ, 4, group))
+    folder = save_artifact(random_model(cfg, seed=5), tmp_path / "gptq", QuantConfig(MethodName.GPTQ, 4, group))
     out = export_onnx(folder, tmp_path / "onnx", Target.ORT, progress=False)
     shapes = init_shapes(out)
     e, m, i = cfg.num_experts, cfg.hidden_size, cfg.intermediate_size
