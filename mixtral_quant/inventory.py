@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .checkpoint import CheckpointReader, load_config, quantization_config, resolve_model
 from .config import MixtralConfig
@@ -66,11 +67,30 @@ def human_count(n: float) -> str:
     return str(int(n))
 
 
+def describe_quantization(q: dict[str, Any]) -> str:
+    """One line from a config.json ``quantization_config`` entry: the method and the settings that shape
+    the stored weights (read from the entry as written; nothing is imported)."""
+    method = q.get("quant_method")
+    if method == "bitsandbytes":
+        if q.get("load_in_4bit"):
+            absmax = "double quant" if q.get("bnb_4bit_use_double_quant") else "fp32 absmax"
+            return f"bitsandbytes {q.get('bnb_4bit_quant_type')}, {absmax}, compute {q.get('bnb_4bit_compute_dtype')}"
+        return f"bitsandbytes LLM.int8, outlier threshold {q.get('llm_int8_threshold')}"
+    parts = [f"{q.get('format') if method == 'mixtral-quant' else method} {q.get('bits')}-bit"]
+    if "group_size" in q:
+        parts.append("one group per row" if q["group_size"] == -1 else f"groups of {q['group_size']}")
+    if q.get("desc_act"):
+        parts.append("act-order" + (" (static groups)" if q.get("static_groups") else ""))
+    if q.get("sym") is False:
+        parts.append("asymmetric")
+    return ", ".join(parts)
+
+
 def format_inventory(inv: Inventory) -> str:
     cfg = inv.config
     lines = [f"model      {inv.folder}", f"type       {cfg.model_type}"]
     q = inv.quantization
-    lines.append(f"quantized  {q.get('quant_method')} {q.get('bits', '')}".rstrip() if q else "quantized  no")
+    lines.append(f"quantized  {describe_quantization(q)}" if q else "quantized  no")
     lines.append(
         f"shape      {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
         f"heads {cfg.num_attention_heads}/{cfg.num_key_value_heads} kv, head_dim {cfg.head_dim}, vocab {cfg.vocab_size}"

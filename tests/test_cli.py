@@ -97,3 +97,19 @@ def test_a_fresh_process_prints_nothing_but_the_answer() -> None:
     assert done.stderr == ""
     probe = "import sys, mixtral_quant.cli; print('bitsandbytes' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_inspect_names_the_quantization_settings() -> None:
+    """inspect's "quantized" line reads the settings from the entry each method writes."""
+    from mixtral_quant.inventory import describe_quantization
+    from mixtral_quant.quant import MethodName, QuantConfig, get_method
+
+    def line(method: MethodName, **fields: object) -> str:
+        return describe_quantization(get_method(QuantConfig.for_method(method, **fields)).quantization_config())
+
+    assert line(MethodName.GPTQ, act_order=True) == "gptq 4-bit, groups of 128, act-order (static groups)"
+    assert line(MethodName.GPTQ, bits=3, group_size=-1, sym=False) == "gptq 3-bit, one group per row, asymmetric"
+    assert line(MethodName.NF4, double_quant=False) == "bitsandbytes nf4, fp32 absmax, compute bfloat16"
+    assert line(MethodName.INT8, int8_threshold=4.0) == "bitsandbytes LLM.int8, outlier threshold 4.0"
+    assert line(MethodName.GPTQ_Q4_K, group_size=32) == "gguf-q4_k 4-bit, groups of 32"
+    assert line(MethodName.W8) == "w8 8-bit"
