@@ -3,26 +3,23 @@ against the 16-bit tiny model itself, all loaded in one process and measured in 
 
 Each model is loaded as ``eval`` loads it (float32 compute; the artifact's own runtime modules: GPTQ /
 RTN / AWQ and Q4_K dequantized per call from their codes, NF4 through bitsandbytes' ``Linear4bit``,
-LLM.int8 with bitsandbytes' arithmetic). A round prefills a 128-token prompt (untimed) and times 32
-one-token steps with the KV cache, for every model in turn; the figure is the median over the rounds,
-so a slow spell of the machine touches every model alike.
+LLM.int8 with bitsandbytes' arithmetic), and timed by ``eval``'s own :func:`measure_speeds`: a round
+prefills a 128-token prompt (untimed) and times 32 one-token steps with the KV cache, for every model in
+turn; the figure is the median over the rounds, so a slow spell of the machine touches every model alike.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.table import Figure, Row
-from mixtral_quant.cache import KVCache
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 from mixtral_quant.eval.data import load_dataset, tokenizer_for
+from mixtral_quant.eval.speed import measure_speeds
 from mixtral_quant.loading import load_model
-from mixtral_quant.model import MixtralForCausalLM
 from mixtral_quant.pipeline import quantize_model
 from mixtral_quant.recipe import load_recipe, shipped_recipes
 
@@ -44,30 +41,16 @@ def artifacts(work: Path, quality_work: Path, samples: int, say: Any) -> dict[st
     return out
 
 
-@torch.no_grad()
-def _decode_seconds(model: MixtralForCausalLM, ids: torch.Tensor, steps: int) -> float:
-    cache = KVCache(model.cfg, 1, ids.shape[1] + steps)
-    token = model(ids, cache=cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)
-    start = time.perf_counter()
-    for _ in range(steps):
-        token = model(token, cache=cache, last_only=True).logits[:, -1].argmax(-1, keepdim=True)
-    return time.perf_counter() - start
-
-
 def run(work: Path, quality_work: Path, quick: bool, say: Any) -> list[Row]:
     prompt, steps, rounds, samples = (64, 16, 3, 8) if quick else (128, 32, 7, 16)
     folders = artifacts(work, quality_work, samples, say)
-    ids = load_dataset("wiki-test", tokenizer_for(DEFAULT_MODEL)).tokens[:prompt][None]
+    tokens = load_dataset("wiki-test", tokenizer_for(DEFAULT_MODEL)).tokens
     models = {"baseline": load_model(DEFAULT_MODEL)}
     models |= {name: load_model(folder, no_verify=True) for name, folder in folders.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    for model in models.values():  # warm-up
-        _decode_seconds(model, ids, steps)
-    for r in range(rounds):
-        say(f"decode (recipes): round {r + 1} of {rounds}")
-        for name, model in models.items():
-            seconds[name].append(_decode_seconds(model, ids, steps))
-    tok_s = {name: steps / statistics.median(s) for name, s in seconds.items()}
+    say(f"decode (recipes): {rounds} rounds over {len(models)} models")
+    speeds = measure_speeds(list(models.values()), tokens, prompt + steps, "cpu", decode_steps=steps,
+                            decode_prompt=prompt, repeats=rounds)  # fmt: skip
+    tok_s = {name: speed.decode_tokens_per_s for name, speed in zip(models, speeds, strict=True)}
     peer: dict[str, Figure] = {"decode tok/s": tok_s["baseline"]}
     note = (f"batch 1, prompt {prompt} tokens, {steps} greedy steps; median of {rounds} rounds, every model once "
             f"per round, {len(models)} models loaded in one process")  # fmt: skip
