@@ -147,8 +147,11 @@ class LayerQuantizer:
 
     def __init__(self, layer: DecoderLayer, cfg: MixtralConfig, recipe: Recipe, device: torch.device,
                  chunk: int = 8, hessian_budget: int = HESSIAN_BUDGET, ranks: Ranks = SINGLE,
-                 fetch: Callable[[list[str]], None] | None = None) -> None:  # fmt: skip
+                 fetch: Callable[[list[str]], None] | None = None, widths: Mapping[str, int] | None = None
+                 ) -> None:  # fmt: skip
         self.layer, self.cfg, self.recipe, self.device, self.ranks = layer, cfg, recipe, device, ranks
+        self.widths = dict(widths or {})  # linear -> bits where a [mixed] recipe sets it
+        self._methods: dict[int, Method] = {}
         self.fetch = fetch  # reads linears the layer was loaded without (still on the meta device)
         self.inputs = LayerInputs(layer, cfg, device, chunk)
         self.hessian_budget = hessian_budget
@@ -168,6 +171,15 @@ class LayerQuantizer:
         self.apply(done)
         return done
 
+    def method_for(self, name: str) -> Method:
+        """The method quantizing linear ``name``: the recipe's, at the width a [mixed] recipe gave it."""
+        bits = self.widths.get(name)
+        if bits is None or bits == self.recipe.quant.bits:
+            return self.method
+        if bits not in self._methods:
+            self._methods[bits] = get_method(self.recipe.quant.with_fields(bits=bits))
+        return self._methods[bits]
+
     def compute(self, names: list[str], hessian: HessianAccumulator | None, fallback: str | None = None
                 ) -> Quantized:  # fmt: skip
         """The stored tensors and report entries of ``names`` (see :meth:`quantize`), nothing installed."""
@@ -175,8 +187,17 @@ class LayerQuantizer:
         if unread:
             assert self.fetch is not None, f"{unread} were never read"
             self.fetch(unread)
+        if len({id(self.method_for(n)) for n in names}) > 1:  # widths differ: no stacked sweep
+            done = Quantized()
+            for n in names:
+                one = self.compute([n], hessian, fallback)
+                done.tensors.update(one.tensors)
+                done.errors.update(one.errors)
+                done.fallbacks.update(one.fallbacks)
+                done.damp.update(one.damp)
+            return done
         modules = [self._linear(n) for n in names]
-        method = self.method
+        method = self.method_for(names[0])
         done = Quantized()
         note = fallback if fallback is not None and method.needs_hessian else None
         if note is not None:
@@ -214,7 +235,8 @@ class LayerQuantizer:
             module = self._linear(name)
             for suffix, t in tensors.items():
                 self.tensors[f"{name}.{suffix}"] = t
-            runtime = self.method.make_module(tensors, module.in_features, module.out_features).to(self.device)
+            runtime = self.method_for(name).make_module(tensors, module.in_features, module.out_features)
+            runtime = runtime.to(self.device)
             self.layer.set_submodule(name, runtime)
 
     def _linear(self, name: str) -> nn.Linear:

@@ -20,7 +20,7 @@ from .checkpoint import CheckpointReader, check_tensor, load_config, quantizatio
 from .config import MixtralConfig
 from .errors import CheckpointError
 from .model import DecoderLayer, MixtralForCausalLM
-from .quant import get_method, read_quantization_config
+from .quant import read_scheme
 from .quant.base import Method
 from .sizes import check_fits, parameter_counts, tensor_shapes
 from .stored_linear import quantized_tensors
@@ -62,10 +62,10 @@ def load_model(
     cfg = load_config(path)
     qc = quantization_config(path)
     check_source(path, quantized=bool(qc), no_verify=no_verify)
-    method = get_method(read_quantization_config(qc)) if qc else None
+    scheme = read_scheme(qc) if qc else None
     with CheckpointReader(path) as reader:
         check_layout(reader, cfg)
-        if method is None:
+        if scheme is None:
             nbytes = sum(parameter_counts(cfg).values()) * dtype.itemsize
             check_fits(f"{path.name} in {str(dtype).removeprefix('torch.')}", nbytes, torch.device(device),
                        "evaluate it with --layer-sequential, or use a smaller dtype")
@@ -75,6 +75,7 @@ def load_model(
         used: set[str] = set()
         for name, module in list(model.named_modules()):
             if isinstance(module, nn.Linear):
+                method = scheme.method_for(name) if scheme is not None else None
                 _load_linear(model, name, module, reader, method, dtype, device, used)
             elif isinstance(module, nn.Embedding) or name.endswith("norm"):
                 pname = f"{name}.weight"

@@ -46,7 +46,9 @@ from .distributed import Ranks, ranks_from_env
 from .errors import IntegrityError, MixtralQuantError
 from .hf_tokenizer import write_tokenizer_files
 from .loading import check_checkpoint, load_layer, load_linears
+from .mixed_probe import mixed_record, plan_widths
 from .quant import get_method
+from .quant.scheme import dynamic_entry
 from .recipe import Recipe
 from .tokenizer import Tokenizer
 
@@ -100,6 +102,12 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
     reader = CheckpointReader(src)
     work, state = run.work, run.state
     done, h = run.layers_done, run.h
+    if recipe.mixed is not None and "mixed" not in state:
+        if ranks.world > 1:
+            raise MixtralQuantError("a [mixed] recipe runs in one process so far: run it without torchrun")
+        assert h is not None  # a run that has no plan yet has not finished a layer
+        state["mixed"] = plan_widths(reader, cfg, recipe, h, device, chunk, progress)
+    widths = state.get("mixed", {}).get("widths", {})
     bar = tqdm(range(done, cfg.num_hidden_layers), desc=f"quantize {recipe.name}", unit="layer",
                initial=done, total=cfg.num_hidden_layers, disable=not progress)
     # The experts' float weights are read one expert at a time as they are quantized, unless the method
@@ -109,7 +117,9 @@ def _quantize(model: str | Path | None, recipe: Recipe, out: Path, device: torch
         layer = load_layer(reader, cfg, i, torch.float32, device, keep_linears_stored=True,
                            defer=_is_expert_linear if lazy else None)  # fmt: skip
         fetch = partial(load_linears, reader, layer, dtype=torch.float32, device=device, keep_linears_stored=True)
-        lq = LayerQuantizer(layer, cfg, recipe, device, chunk, ranks=ranks, fetch=fetch)
+        prefix = f"model.layers.{i}."
+        mine = {n[len(prefix):]: b for n, b in widths.items() if n.startswith(prefix)}
+        lq = LayerQuantizer(layer, cfg, recipe, device, chunk, ranks=ranks, fetch=fetch, widths=mine)
         assert h is not None
         h = lq.run(h)
         if ranks.main:
@@ -273,6 +283,8 @@ def finish(src: Path, work: Path, recipe: Recipe, n_layers: int, identity: dict[
     write_json(work / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
     method = get_method(recipe.quant)
     qc = method.quantization_config()
+    if "mixed" in state:  # GPTQModel's per-module override: the widths that differ from qc's bits
+        qc["dynamic"] = dynamic_entry(recipe.quant, state["mixed"]["widths"])
     if "llm_int8_skip_modules" in qc:  # bitsandbytes' entry: the Mixtral modules it leaves in float
         qc["llm_int8_skip_modules"] = ["block_sparse_moe.gate", "lm_head"]
     config = read_config_json(src)
@@ -296,6 +308,8 @@ def finish(src: Path, work: Path, recipe: Recipe, n_layers: int, identity: dict[
     }
     if any(r.awq_alpha for r in reports):  # AWQ: the alpha each folding point's scale search chose
         calibration["awq_alpha"] = {f"model.layers.{r.layer}.{p}": a for r in reports for p, a in r.awq_alpha.items()}
+    if "mixed" in state:
+        calibration["mixed"] = mixed_record(state["mixed"], reports, recipe)
     write_json(work / "calibration.json", calibration)
     write_json(work / "run_log.json", {"seconds": seconds, "layer_seconds": [r.seconds for r in reports]})
     (work / STATE).unlink()

@@ -10,6 +10,10 @@ statistics, and which components stay 16-bit. Unknown keys and impossible values
     [calibration]  corpus ("wiki-train", "sotu" or a .txt path), samples, seq_len, seed
     [experts]      policy ("routed" | "all-tokens"), min_token_share, fallback ("rtn" | "all-tokens")
     [keep]         components = ["router", "embeddings", "norms"]   (lm_head counts as embeddings)
+    [mixed]        budget_bits (stored bits per expert parameter, scales and zeros included), choices
+                   (candidate widths, default [2, 3, 4, 8]), attention_bits (default: [quant] bits);
+                   GPTQ and RTN only: a width per expert linear from its measured error and its
+                   expert's share of the tokens (mixtral_quant/mixed.py)
 """
 
 from __future__ import annotations
@@ -72,6 +76,26 @@ class ExpertCalibration:
     fallback: Fallback = Fallback.RTN
 
 
+MIXED_METHODS = ("gptq", "rtn")  # methods whose widths a [mixed] section may vary
+
+
+@dataclass(frozen=True)
+class MixedPrecision:
+    """A width per expert linear under a size budget: ``budget_bits`` stored bits per expert parameter
+    (codes, scales, zeros and group indices), chosen among ``choices``; attention at ``attention_bits``
+    (None: the recipe's ``bits``)."""
+
+    budget_bits: float
+    choices: tuple[int, ...] = (2, 3, 4, 8)
+    attention_bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.budget_bits > 0:
+            raise ConfigError(f"[mixed] budget_bits must be positive, got {self.budget_bits}")
+        if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices):
+            raise ConfigError(f"[mixed] choices must be two or more different widths, got {list(self.choices)}")
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -80,6 +104,14 @@ class Recipe:
     experts: ExpertCalibration = field(default_factory=ExpertCalibration)
     keep: tuple[str, ...] = ("router", "embeddings", "norms")
     description: str = ""
+    mixed: MixedPrecision | None = None
+
+    @property
+    def attention_bits(self) -> int:
+        """The width of the attention projections."""
+        if self.mixed is not None and self.mixed.attention_bits is not None:
+            return self.mixed.attention_bits
+        return self.quant.bits
 
     @property
     def needs_calibration(self) -> bool:
@@ -93,7 +125,10 @@ class Recipe:
         q = {"method": self.quant.method_name}
         for key, value in self.quant.flat().items():
             q[key] = str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
-        return {
+        mixed = {} if self.mixed is None else {"mixed": {"budget_bits": self.mixed.budget_bits,
+                                                         "choices": list(self.mixed.choices),
+                                                         "attention_bits": self.attention_bits}}
+        return mixed | {
             "name": self.name,
             "description": self.description,
             "quant": q,
@@ -136,7 +171,7 @@ def _check_types(section: dict[str, Any], hints: dict[str, Any], where: str) -> 
 
 
 def parse_recipe(d: dict[str, Any], name: str) -> Recipe:
-    _take(d, {"name", "description", "quant", "calibration", "experts", "keep"}, "recipe")
+    _take(d, {"name", "description", "quant", "calibration", "experts", "keep", "mixed"}, "recipe")
     for key in ("name", "description"):
         if not isinstance(d.get(key, ""), str):
             raise ConfigError(f"recipe {name}: {key} must be a string, got {d[key]!r}")
@@ -173,7 +208,27 @@ def parse_recipe(d: dict[str, Any], name: str) -> Recipe:
         raise ConfigError(f"recipe {name}: cannot keep {sorted(bad)}; components are {list(KEEPABLE)}")
     if not 0 <= experts.min_token_share < 1:
         raise ConfigError(f"recipe {name}: min_token_share must be in [0, 1)")
-    return Recipe(str(d.get("name", name)), quant, cal, experts, keep, str(d.get("description", "")))
+    mixed = _mixed(d["mixed"], quant, name) if "mixed" in d else None
+    return Recipe(str(d.get("name", name)), quant, cal, experts, keep, str(d.get("description", "")), mixed)
+
+
+def _mixed(section: Any, quant: QuantConfig, name: str) -> MixedPrecision:
+    """The [mixed] table: every width one the method stores with the recipe's other settings."""
+    t = dict(_take(section, {"budget_bits", "choices", "attention_bits"}, "mixed", MixedPrecision))
+    if "budget_bits" not in t:
+        raise ConfigError(f"recipe {name}: [mixed] needs budget_bits (stored bits per expert parameter)")
+    if quant.method_name not in MIXED_METHODS:
+        raise ConfigError(f"recipe {name}: [mixed] works on {' and '.join(MIXED_METHODS)} recipes, "
+                          f"not {quant.method_name}")
+    choices = t.get("choices", list(MixedPrecision.choices))
+    if not isinstance(choices, list) or not all(type(b) is int for b in choices):
+        raise ConfigError(f"recipe {name}: [mixed] choices must be a list of integer widths, got {choices!r}")
+    attention = t.get("attention_bits")
+    if attention is not None and type(attention) is not int:
+        raise ConfigError(f"recipe {name}: [mixed] attention_bits must be an integer, got {attention!r}")
+    for bits in {*choices, *([attention] if attention is not None else [])}:
+        quant.with_fields(bits=bits)  # ConfigError naming the widths the method stores
+    return MixedPrecision(float(t["budget_bits"]), tuple(sorted(choices)), attention)
 
 
 def load_recipe(name_or_file: str | Path, **overrides: Any) -> Recipe:

@@ -62,7 +62,7 @@ from mixtral_quant.eval.report import (
 from mixtral_quant.eval.speed import SpeedResult, measure_speeds, warm_up
 from mixtral_quant.loading import load_model
 from mixtral_quant.model import DecoderLayer, MixtralForCausalLM, RMSNorm
-from mixtral_quant.quant import get_method, read_quantization_config
+from mixtral_quant.quant import read_scheme
 from mixtral_quant.sizes import free_bytes
 from mixtral_quant.stored_linear import quantized_tensors
 
@@ -86,7 +86,7 @@ class CheckpointLayers:
         self.reader = CheckpointReader(folder)
         self._cfg = load_config(folder)
         qc = quantization_config(folder)
-        self.method = get_method(read_quantization_config(qc)) if qc else None
+        self.scheme = read_scheme(qc) if qc else None  # each linear's method (a mixed artifact's differ)
         self._dtype = dtype
         self.loaded = dict.fromkeys(COMPONENTS, 0)  # bytes of every part handed out (once per part)
         self.used: set[str] = set()
@@ -109,11 +109,12 @@ class CheckpointLayers:
         for name, sub in list(module.named_modules()):
             full = f"{prefix}.{name}" if name else prefix
             tensors = None
+            method = self.scheme.method_for(full) if self.scheme is not None and isinstance(sub, nn.Linear) else None
             if isinstance(sub, nn.Linear):
-                tensors = quantized_tensors(self.reader, self.method, full, lambda n: self._get(n, device, cast=False))
+                tensors = quantized_tensors(self.reader, method, full, lambda n: self._get(n, device, cast=False))
             if tensors is not None:
-                assert self.method is not None and isinstance(sub, nn.Linear)
-                quantized = self.method.make_module(tensors, sub.in_features, sub.out_features)
+                assert method is not None and isinstance(sub, nn.Linear)
+                quantized = method.make_module(tensors, sub.in_features, sub.out_features)
                 if not name:  # the part is the linear itself
                     module = quantized
                     break

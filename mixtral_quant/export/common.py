@@ -27,9 +27,9 @@ from onnx import TensorProto
 
 from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization_config
 from mixtral_quant.config import MixtralConfig
-from mixtral_quant.errors import CheckpointError
+from mixtral_quant.errors import CheckpointError, ConfigError
 from mixtral_quant.export.graph import GraphBuilder
-from mixtral_quant.quant import MethodName, QuantConfig, get_method, read_quantization_config
+from mixtral_quant.quant import MethodName, QuantConfig, get_method, read_quantization_config, read_scheme
 from mixtral_quant.quant.base import method_class
 from mixtral_quant.quant.block_form import BlockQuant, Bnb4, GridSignature
 from mixtral_quant.stored_linear import quantized_tensors
@@ -82,6 +82,9 @@ def open_variant(folder: Path) -> Iterator[tuple[MixtralConfig, QuantConfig | No
     """The config, the quantization (None: float) and a tensor reader of an artifact folder."""
     cfg = load_config(folder)
     qc = quantization_config(folder)
+    if qc and read_scheme(qc).mixed:
+        raise ConfigError(f"{folder} stores its linears at several widths (a [mixed] recipe): the exporters "
+                          "take one width per artifact so far; evaluate it, or load it with GPTQModel")
     with CheckpointReader(folder) as reader:
         yield cfg, (read_quantization_config(qc) if qc else None), reader
 

@@ -24,6 +24,7 @@ from mixtral_quant.quant.gptq_method import GPTQ, RTN
 from mixtral_quant.quant.int8 import INT8, W8
 from mixtral_quant.quant.nf4 import NF4
 from mixtral_quant.quant.q4_k_method import GPTQQ4K
+from mixtral_quant.quant.scheme import Scheme, read_rules
 
 register(MethodName.NF4, NF4)
 register(MethodName.INT8, INT8)
@@ -57,6 +58,19 @@ def read_quantization_config(entry: Mapping[str, Any]) -> QuantConfig:
                       "(gptq, bitsandbytes, w8, gguf-q4_k)")
 
 
+def read_scheme(entry: Mapping[str, Any]) -> Scheme:
+    """:func:`read_quantization_config` and the entry's per-module rules (GPTQModel's ``dynamic``), each
+    width checked against the method; ConfigError as there."""
+    scheme = Scheme(read_quantization_config(entry), read_rules(entry))
+    for rule in scheme.rules:
+        if not rule.skip:
+            try:
+                scheme.base.with_fields(**rule.settings)
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"quantization_config dynamic rule {rule.pattern!r}: {e}") from None
+    return scheme
+
+
 __all__ = [
     "HessianAccumulator",
     "HessianNotPositiveDefinite",
@@ -64,8 +78,10 @@ __all__ = [
     "MethodName",
     "QuantConfig",
     "QuantResult",
+    "Scheme",
     "get_method",
     "read_quantization_config",
+    "read_scheme",
     "register",
     "registered",
 ]
