@@ -24,6 +24,8 @@ class Inventory:
     bytes_by_component: dict[str, int] = field(default_factory=dict)
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     shards: dict[str, int] = field(default_factory=dict)  # file name -> bytes on disk
+    # a mixed-width artifact: (layer, expert) -> bits of w1, w3, w2, read from the stored codes' shapes
+    expert_widths: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict)
 
     @property
     def total_params(self) -> int:
@@ -49,7 +51,24 @@ def inventory(folder: str | Path | None) -> Inventory:
             dt = reader.dtype(name)
             inv.bytes_by_dtype[dt] = inv.bytes_by_dtype.get(dt, 0) + reader.nbytes(name)
         inv.shards = {f.name: f.stat().st_size for f in reader.files}
+        if inv.quantization and inv.quantization.get("dynamic") and cfg.moe is not None:
+            inv.expert_widths = _expert_widths(reader, cfg)
     return inv
+
+
+def _expert_widths(reader: CheckpointReader, cfg: MixtralConfig) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """Each expert's widths from its GPTQ ``qweight`` (``in_features * bits / 32`` rows of int32)."""
+    assert cfg.moe is not None
+    widths = {}
+    for i in range(cfg.num_hidden_layers):
+        for e in range(cfg.moe.num_local_experts):
+            prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+            bits = []
+            for w, k in (("w1", cfg.hidden_size), ("w3", cfg.hidden_size), ("w2", cfg.intermediate_size)):
+                name = f"{prefix}.{w}.qweight"
+                bits.append(reader.shape(name)[0] * 32 // k if name in reader.where else 16)
+            widths[(i, e)] = (bits[0], bits[1], bits[2])
+    return widths
 
 
 def human_bytes(n: float) -> str:
@@ -83,6 +102,8 @@ def describe_quantization(q: dict[str, Any]) -> str:
         parts.append("act-order" + (" (static groups)" if q.get("static_groups") else ""))
     if q.get("sym") is False:
         parts.append("asymmetric")
+    if q.get("dynamic"):
+        parts.append(f"{len(q['dynamic'])} modules at other widths (mixed precision)")
     return ", ".join(parts)
 
 
@@ -108,7 +129,20 @@ def format_inventory(inv: Inventory) -> str:
                      f"{human_bytes(inv.bytes_by_component.get(comp, 0)):>14}{inv.bits_per_param(comp):>12.3f}")
     lines.append(f"{'total':<12}{human_count(inv.total_params):>12}{human_bytes(inv.total_bytes):>14}"
                  f"{inv.bits_per_param():>12.3f}")
+    if inv.expert_widths:
+        lines.append("")
+        lines.extend(format_expert_widths(inv.expert_widths))
     lines.append("")
     lines.append("by dtype   " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(inv.bytes_by_dtype.items())))
     lines.append("shards     " + ", ".join(f"{k} ({human_bytes(v)})" for k, v in inv.shards.items()))
     return "\n".join(lines)
+
+
+def format_expert_widths(widths: dict[tuple[int, int], tuple[int, int, int]]) -> list[str]:
+    """Bits of every expert's w1/w3/w2, a row per layer and a column per expert."""
+    layers = sorted({i for i, _ in widths})
+    experts = sorted({e for _, e in widths})
+    lines = ["bits per expert linear (w1/w3/w2)", "layer " + "".join(f"{'expert ' + str(e):>11}" for e in experts)]
+    for i in layers:
+        lines.append(f"{i:<6}" + "".join(f"{'/'.join(map(str, widths[(i, e)])):>11}" for e in experts))
+    return lines

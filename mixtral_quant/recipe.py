@@ -92,8 +92,8 @@ class MixedPrecision:
     def __post_init__(self) -> None:
         if not self.budget_bits > 0:
             raise ConfigError(f"[mixed] budget_bits must be positive, got {self.budget_bits}")
-        if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices):
-            raise ConfigError(f"[mixed] choices must be two or more different widths, got {list(self.choices)}")
+        if not self.choices or len(set(self.choices)) != len(self.choices):
+            raise ConfigError(f"[mixed] choices must be different widths, got {list(self.choices)}")
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,15 @@ def gptqmodel_name(name: str) -> str:
     return _rename(name, GPTQMODEL_NAMES)
 
 
+def gptqmodel_rule(key: str) -> str:
+    """A ``dynamic`` rule naming one of our modules exactly (``+:^model\\.layers\\.0\\..*\\.w1$``, as quantize
+    writes them) in GPTQModel's names; any other rule as it is."""
+    m = re.fullmatch(r"(\+:|-:)?\^(.*)\$", key)
+    if m is None or re.escape(name := m.group(2).replace("\\", "")) != m.group(2):
+        return key
+    return f"{m.group(1) or ''}^{re.escape(gptqmodel_name(name + '.')[:-1])}$"
+
+
 def our_name(module_name: str) -> str:
     """Inverse of :func:`gptqmodel_name` for a module of GPTQModel's model."""
     return _rename(module_name, OUR_NAMES)
@@ -127,6 +136,14 @@ def write_gptqmodel_view(artifact: Path, out: Path) -> Path:
     for name in VIEW_FILES:
         if (artifact / name).is_file():
             shutil.copyfile(artifact / name, out / name)
+    for name in ("config.json", "quantize_config.json"):  # per-module widths: the rules name modules too
+        path = out / name
+        if path.is_file():
+            d = json.loads(path.read_text())
+            qc = d.get("quantization_config", d) if name == "config.json" else d
+            if qc.get("dynamic"):
+                qc["dynamic"] = {gptqmodel_rule(k): v for k, v in qc["dynamic"].items()}
+                path.write_text(json.dumps(d, indent=2) + "\n")
     if (out / TOKENIZER_FILE).is_file():
         vocab = read_sentencepiece(out / TOKENIZER_FILE)
         context = json.loads((out / "config.json").read_text()).get("max_position_embeddings", 4096)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+from unittest.mock import patch
 
 import gguf
 import llama_cpp
@@ -67,11 +69,24 @@ def reference_run(folder: Path) -> tuple[list[int], list[int], np.ndarray]:
     return ids, seq[len(ids):], logits
 
 
+def plain_kernels() -> Any:
+    """llama.cpp's model parameters without its "extra buffer types": the weights stay in the file's
+    layout and run on ggml's generic CPU kernels, not repacked for AMX / AVX-512 (llama-cli's
+    ``--no-repack``). On a CPU with AMX (Sapphire Rapids) the AMX path of this llama.cpp crashes
+    (SIGSEGV in llama_decode) on the tiny model's Q4_0 file; with this the figures do not depend on
+    which repacking the machine offers."""
+    params = llama_cpp.llama_model_default_params()
+    params.use_extra_bufts = False
+    return params
+
+
 def llama_run(path: Path, ids: list[int], seq: list[int]) -> tuple[list[int], np.ndarray]:
     """llama.cpp's 16 greedy tokens after ``ids``, and its logits over ``ids + seq``: F32 KV cache,
-    no flash attention, so that only the weights' types differ from our reference."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, n_threads=2,
-                          verbose=False, type_k=0, type_v=0, flash_attn=False)
+    no flash attention, plain kernels, so that only the weights' types differ from our reference."""
+    with patch.object(llama_cpp.llama.llama_cpp, "llama_model_default_params", plain_kernels):
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_batch=128, logits_all=True, n_threads=2,
+                              verbose=False, type_k=0, type_v=0, flash_attn=False)
+    assert not llm.model_params.use_extra_bufts
     greedy: list[int] = []
     for token in llm.generate(ids, top_k=1, temp=0.0, reset=True):
         greedy.append(int(token))
@@ -284,7 +299,9 @@ def test_grids_gguf_cannot_hold_exactly_are_refused() -> None:
     codes = np.zeros((4, 64), np.uint8)
     scale = np.full((4, 1), 0.5, np.float32)
     assert gguf_grid(BlockQuant(codes, scale, None, 4, None), 4) is not None
-    assert gguf_grid(BlockQuant(codes, scale, None, 4, None), 8) is None  # another width
+    assert gguf_grid(BlockQuant(codes, scale, None, 8, None), 4) is None  # wider than the type
+    wide = gguf_grid(BlockQuant(codes + 3, scale, None, 3, None), 8)  # narrower: widened, code for code
+    assert wide is not None and wide.bits == 8 and np.array_equal(wide.codes, codes + 3 + 124)
     assert gguf_grid(BlockQuant(codes, scale, np.full((4, 1), 7, np.uint8), 4, None), 4) is None
     assert gguf_grid(BlockQuant(codes, np.full((4, 4), 0.5, np.float32), None, 4, 16), 4) is None
     assert gguf_grid(BlockQuant(codes, np.full((4, 1), 0.1, np.float32), None, 4, None), 4) is None

@@ -203,7 +203,7 @@ FP32_CASES = [
         {"experts": "QMoE 8-bit block 32"},
     ),  # 4.4e-3: block-wise 8-bit QMoE uses int8 activations
     ("gptq8", Target.STANDARD, 1e-4, {"experts": "dense over all experts, [N, E] mixing weights, dequantized float"}),
-    ("gptq3", Target.ORT, 1e-4, {"experts": "MoE (dequantized float)", "attention": "MatMul (dequantized float)"}),
+    ("gptq3", Target.ORT, 1e-4, {"experts": "QMoE 4-bit block 32", "attention": "MatMulNBits 4-bit block 32"}),
     ("int8", Target.ORT, 1e-4, {"experts": "QMoE 8-bit per-row scales", "attention": "MatMulNBits 8-bit block 64"}),
     ("int8", Target.STANDARD, 1e-4, {"attention": "MatMul (dequantized float)"}),  # 8.3e-7
     ("w8", Target.ORT, 1e-4, {"experts": "QMoE 8-bit per-row scales"}),  # 8.3e-7

@@ -42,7 +42,18 @@ group_size = 32
 act_order = true
 static_groups = false
 """
-RECIPES = ("gptq-w4g128", "gptq-w4g128-noact", "gptq-act-dynamic")
+# Mixed precision: a width per expert linear (2, 3, 4 or 8 bits), told to GPTQModel by its `dynamic` rules.
+MIXED = """name = "gptq-mixed"
+[quant]
+method = "gptq"
+bits = 4
+group_size = 32
+act_order = true
+[mixed]
+budget_bits = 3.0
+choices = [2, 3, 4, 8]
+"""
+RECIPES = ("gptq-w4g128", "gptq-w4g128-noact", "gptq-act-dynamic", "gptq-mixed")
 
 
 def _script() -> ModuleType:
@@ -87,11 +98,13 @@ def script_run(work: Path, source: Path) -> tuple[subprocess.CompletedProcess[st
     """The script on three recipes (two shipped, one with a non-trivial g_idx), one kernel."""
     act_dynamic = work / "gptq-act-dynamic.toml"
     act_dynamic.write_text(ACT_DYNAMIC)
+    mixed = work / "gptq-mixed.toml"
+    mixed.write_text(MIXED)
     out = work / "runs"
     args = [str(SCRIPT), "--model", str(source), "--group-size", str(GROUP), "--samples", "4", "--seq-len", "32",
             "--kernel", KERNEL, "--sentences", "3", "--tokens", "24", "--no-transformers",
             "--out", str(out), "--json", str(work / "results.json")]
-    for recipe in ("gptq-w4g128", "gptq-w4g128-noact", str(act_dynamic)):
+    for recipe in ("gptq-w4g128", "gptq-w4g128-noact", str(act_dynamic), str(mixed)):
         args += ["--recipe", recipe]
     done = _child(args)
     results = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else []
@@ -131,6 +144,20 @@ def test_gptqmodel_runs_our_artifacts_with_our_weights_and_logits(
         assert probe["modules"] == probe["exact"] == 32, (name, probe)
         assert r["logits"]["top1"] >= 0.95 and r["tokenizer_ok"], name
     assert "PASS: GPTQModel agrees" in done.stdout
+
+
+def test_gptqmodel_reads_a_mixed_artifacts_widths(
+    script_run: tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]], work: Path,
+) -> None:
+    """The mixed artifact's experts are at several widths, each told by a dynamic rule; GPTQModel's weights
+    equal ours on every module (above), so it took each module's width from its rule."""
+    qc = json.loads((work / "runs" / "gptq-mixed" / "config.json").read_text())["quantization_config"]
+    view = json.loads((work / "runs" / "gptq-mixed-gptqmodel" / "quantize_config.json").read_text())
+    widths = {v["bits"] for v in qc["dynamic"].values()}
+    assert len(widths) >= 2 and qc["bits"] not in widths, qc["dynamic"]
+    assert len(view["dynamic"]) == len(qc["dynamic"])
+    assert all(".mlp.experts." in k and ("gate_proj" in k or "up_proj" in k or "down_proj" in k)
+               for k in view["dynamic"])  # fmt: skip
 
 
 PROBE_AS_V2 = """

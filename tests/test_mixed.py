@@ -100,7 +100,8 @@ def test_mixed_section_is_read_and_checked() -> None:
         ("nf4", "[mixed]\nbudget_bits = 3.0\n", "works on gptq and rtn"),
         ("gptq", "[mixed]\nchoices = [2, 4]\n", "needs budget_bits"),
         ("gptq", "[mixed]\nbudget_bits = 3.0\nchoices = [2, 5]\n", "cannot store 5-bit"),
-        ("gptq", "[mixed]\nbudget_bits = 3.0\nchoices = [4]\n", "two or more"),
+        ("gptq", "[mixed]\nbudget_bits = 3.0\nchoices = [4, 4]\n", "different widths"),
+        ("gptq", "[mixed]\nbudget_bits = 3.0\nchoices = []\n", "different widths"),
         ("gptq", "[mixed]\nbudget_bits = -1\n", "must be positive"),
         ("gptq", "[mixed]\nbudget_bits = 3.0\nwidth = 2\n", "unknown key"),
     ):
@@ -220,3 +221,18 @@ def test_dynamic_keys_are_exact_names() -> None:
     pattern = next(iter(d))[2:]
     assert re.match(pattern, "model.layers.1.block_sparse_moe.experts.1.w2")
     assert not re.match(pattern, "model.layers.1.block_sparse_moe.experts.11.w2")
+
+
+def test_inspect_shows_each_experts_widths(mixed_run: tuple[Path, Path]) -> None:
+    from mixtral_quant.inventory import format_inventory, inventory
+
+    _, artifact = mixed_run
+    inv = inventory(artifact)
+    cal = json.loads((artifact / "calibration.json").read_text())["mixed"]["modules"]
+    for (i, e), bits in inv.expert_widths.items():
+        prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+        assert bits == tuple(cal[f"{prefix}.{w}"]["bits"] for w in ("w1", "w3", "w2"))
+    text = format_inventory(inv)
+    assert "mixed precision" in text and "bits per expert linear (w1/w3/w2)" in text
+    row = next(line for line in text.splitlines() if line.startswith("1 "))
+    assert row.split()[1:] == ["/".join(map(str, inv.expert_widths[(1, e)])) for e in range(CFG.num_experts)]

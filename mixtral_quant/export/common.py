@@ -27,9 +27,9 @@ from onnx import TensorProto
 
 from mixtral_quant.checkpoint import CheckpointReader, load_config, quantization_config
 from mixtral_quant.config import MixtralConfig
-from mixtral_quant.errors import CheckpointError, ConfigError
+from mixtral_quant.errors import CheckpointError
 from mixtral_quant.export.graph import GraphBuilder
-from mixtral_quant.quant import MethodName, QuantConfig, get_method, read_quantization_config, read_scheme
+from mixtral_quant.quant import MethodName, QuantConfig, Scheme, get_method, read_quantization_config, read_scheme
 from mixtral_quant.quant.base import method_class
 from mixtral_quant.quant.block_form import BlockQuant, Bnb4, GridSignature
 from mixtral_quant.stored_linear import quantized_tensors
@@ -82,9 +82,6 @@ def open_variant(folder: Path) -> Iterator[tuple[MixtralConfig, QuantConfig | No
     """The config, the quantization (None: float) and a tensor reader of an artifact folder."""
     cfg = load_config(folder)
     qc = quantization_config(folder)
-    if qc and read_scheme(qc).mixed:
-        raise ConfigError(f"{folder} stores its linears at several widths (a [mixed] recipe): the exporters "
-                          "take one width per artifact so far; evaluate it, or load it with GPTQModel")
     with CheckpointReader(folder) as reader:
         yield cfg, (read_quantization_config(qc) if qc else None), reader
 
@@ -199,11 +196,18 @@ class ExportContext:
     notes: dict[str, set[str]] = field(default_factory=dict)
     layer_notes: dict[int, dict[str, set[str]]] = field(default_factory=dict)
     layer: int | None = None
+    scheme: Scheme | None = None  # each linear's settings (a mixed-width artifact's differ); read from the folder
+
+    def __post_init__(self) -> None:
+        if self.scheme is None and self.quant is not None:
+            qc = quantization_config(self.reader.folder)
+            self.scheme = read_scheme(qc) if qc else None
 
     def linear(
         self, prefix: str, out_features: int, in_features: int, skip: frozenset[str] = frozenset()
     ) -> LinearWeights:
-        return read_linear(self.reader, prefix, out_features, in_features, self.quant, skip)
+        quant = self.scheme.config_for(prefix) if self.scheme is not None else self.quant
+        return read_linear(self.reader, prefix, out_features, in_features, quant, skip)
 
     def vector(self, name: str) -> np.ndarray:
         """A float tensor (norm weight, embedding) in the export dtype."""

@@ -19,9 +19,11 @@ Q8_0_BYTES = 2 + QK
 
 
 def gguf_grid(form: BlockQuant | None, bits: int) -> BlockQuant | None:
-    """``form`` in blocks of 32 when GGUF's ``bits``-bit block type (Q4_0, Q8_0) writes it exactly; else None."""
-    if form is None or form.bits != bits or form.zeros is not None or QK not in form.choices:
+    """``form`` in blocks of 32 when GGUF's ``bits``-bit block type (Q4_0, Q8_0) writes it exactly; else None.
+    A narrower symmetric grid (3-bit codes for Q4_0) is written widened, exactly."""
+    if form is None or form.bits > bits or form.zeros is not None or QK not in form.choices:
         return None
+    form = form.widened(bits)
     if not np.array_equal(form.scales.astype(np.float16).astype(np.float32), form.scales):
         return None  # a scale that fp16 cannot hold
     return form.at(QK)

@@ -50,7 +50,7 @@ from mixtral_quant.export.common import (
     shared_block,
 )
 from mixtral_quant.export.graph import GraphBuilder
-from mixtral_quant.quant.block_form import BlockQuant
+from mixtral_quant.quant.block_form import BlockQuant, runnable_bits
 from mixtral_quant.quant.packing import pack_uint4_low_first
 
 
@@ -111,7 +111,9 @@ class OrtOps:
         stored = block_quant(lin)
         block = None if stored is None else matmul_block(stored.choices)
         if stored is not None and block is not None:
-            form = stored.at(block)  # groups split into power-of-two blocks sharing their scale
+            form = stored.at(block).widened(runnable_bits(stored.bits))  # groups split into power-of-two blocks
+            if form.bits != stored.bits:
+                ctx.note(component, f"{stored.bits}-bit codes widened to {form.bits} bits exactly")
             scales = form.scales.astype(ctx.dtype.numpy)  # [N, K/block]
             codes = pack_codes(form.codes, form.bits).reshape(n, k // block, block * form.bits // 8)
             inputs = [x, g.initializer("qweight", codes), g.initializer("scales", scales)]
@@ -223,10 +225,13 @@ def plan_experts(ctx: ExportContext, layer: int) -> ExpertPlan | None:
             if sig is None:
                 return None
             sigs.append(sig)
-    if len({s.bits for s in sigs}) != 1:
-        return None
     fits, block = shared_block([s.choices for s in sigs])  # one block_size for fc1 and fc2
-    return (sigs[0].bits, block, any(s.has_zeros for s in sigs)) if fits else None
+    # one width for all: narrower grids (2/3-bit, or 4-bit beside 8-bit experts) widened exactly
+    bits = runnable_bits(max(s.bits for s in sigs))
+    widened = sorted({s.bits for s in sigs} - {bits})
+    if fits and widened:
+        ctx.note("experts", f"{'/'.join(map(str, widened))}-bit codes widened to {bits} bits exactly")
+    return (bits, block, any(s.has_zeros for s in sigs)) if fits else None
 
 
 def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
@@ -234,16 +239,17 @@ def interleave(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
     return np.stack([gate, up], axis=1).reshape(2 * gate.shape[0], *gate.shape[1:])
 
 
-def expert_form(ctx: ExportContext, layer: int, expert: int, name: str, block: int | None) -> BlockQuant:
-    """The expert linear's codes, scales and zeros in blocks of ``block`` (the plan's)."""
+def expert_form(ctx: ExportContext, layer: int, expert: int, name: str, block: int | None, bits: int
+                ) -> BlockQuant:  # fmt: skip
+    """The expert linear's codes, scales and zeros in blocks of ``block``, ``bits`` wide (the plan's)."""
     o, i = expert_shapes(ctx.cfg)[name]
     lin = ctx.linear(expert_prefix(layer, expert, name), o, i)
     grid = ctx.nf4_experts.grid
     if codebook(lin.quant) and grid is not None:
-        return requantize(lin, *grid).at(block)
+        return requantize(lin, *grid).at(block).widened(bits)
     form = block_quant(lin)
     assert form is not None, "plan_experts admitted a linear with no block form"
-    return form.at(block)
+    return form.at(block).widened(bits)
 
 
 def float_experts(g: GraphBuilder, ctx: ExportContext, layer: int) -> tuple[str, str]:
@@ -273,13 +279,13 @@ def quantized_experts(
 
     def fc1_chunks() -> Iterator[np.ndarray]:
         for x in range(e):
-            f1, f3 = expert_form(ctx, layer, x, "w1", block), expert_form(ctx, layer, x, "w3", block)
+            f1, f3 = expert_form(ctx, layer, x, "w1", block, bits), expert_form(ctx, layer, x, "w3", block, bits)
             grids["fc1"].append((interleave(f1.scales, f3.scales), interleave(zeros_of(f1), zeros_of(f3))))
             yield pack_codes(interleave(f1.codes, f3.codes), bits)
 
     def fc2_chunks() -> Iterator[np.ndarray]:
         for x in range(e):
-            f2 = expert_form(ctx, layer, x, "w2", block)
+            f2 = expert_form(ctx, layer, x, "w2", block, bits)
             grids["fc2"].append((f2.scales, zeros_of(f2)))
             yield pack_codes(f2.codes, bits)
 

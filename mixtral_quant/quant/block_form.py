@@ -58,6 +58,24 @@ class BlockQuant:
         return BlockQuant(self.codes, np.repeat(self.scales, rep, axis=1), zeros, self.bits, block)
 
 
+    def widened(self, bits: int) -> BlockQuant:
+        """The same weights with ``bits``-bit codes (at least :attr:`bits`), exactly: codes and zeros move
+        up by ``2**(bits-1) - 2**(self.bits-1)``, so the default zero stays the default and every code
+        and zero stays in range (a 2- or 3-bit grid runs as 4-bit, a 4-bit one as 8-bit)."""
+        if bits == self.bits:
+            return self
+        if bits < self.bits:
+            raise ValueError(f"cannot narrow {self.bits}-bit codes to {bits} bits exactly")
+        shift = np.uint8(2 ** (bits - 1) - 2 ** (self.bits - 1))
+        zeros = None if self.zeros is None else self.zeros + shift
+        return BlockQuant(self.codes + shift, self.scales, zeros, bits, self.block)
+
+
+def runnable_bits(bits: int) -> int:
+    """The width onnxruntime's MatMulNBits / QMoE run a ``bits``-bit grid at: 4 or 8 (:meth:`BlockQuant.widened`)."""
+    return 4 if bits <= 4 else 8
+
+
 @dataclass(frozen=True)
 class GridSignature:
     """What a linear's :class:`BlockQuant` form allows, read without its codes."""

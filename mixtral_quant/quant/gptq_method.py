@@ -195,11 +195,10 @@ class GPTQLayout:
               ) -> tuple[int | None, torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
         """(block, scales [N, G], zeros [N, G] or None for the default) as stored (block None: one group
         per row), from ``scales``, ``g_idx`` and ``qzeros`` only. None when the grid has no block form:
-        act-order groups that are not contiguous runs of K, a v1 zero of 0 wrapped to ``2**bits``, or a
-        width other than 4 or 8 bits."""
+        act-order groups that are not contiguous runs of K or a v1 zero of 0 wrapped to ``2**bits``."""
         bits = self.config.bits
         groups = tensors["scales"].shape[0]
-        if bits not in (4, 8) or groups == 0 or k % groups:
+        if groups == 0 or k % groups:
             return None
         group = k // groups
         if not torch.equal(tensors["g_idx"].long(), torch.arange(k) // group):
