@@ -201,14 +201,36 @@ def test_mixed_artifact_loads_with_each_linear_at_its_width(mixed_run: tuple[Pat
     assert (got - want).abs().max() < 1e-4
 
 
-def test_mixed_artifact_refused_by_the_exporters_with_a_clear_error(mixed_run: tuple[Path, Path],
-                                                                     tmp_path: Path) -> None:  # fmt: skip
+def test_mixed_artifact_exports_to_onnx_with_its_codes(mixed_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Each layer's experts become one QMoE at the widest width among them (4, or 8 when one expert has
+    8 bits), narrower codes widened exactly; onnxruntime's logits follow our loaded model's within the
+    error of QMoE's int8 activations where a layer runs 8-bit blocks (4.4e-3 in tests/test_export_onnx.py),
+    else to 1e-4."""
+    import numpy as np
+
     from mixtral_quant.export.mixtral import export_onnx
+    from mixtral_quant.export.ort_runner import OnnxDecoder
 
     _, artifact = mixed_run
-    with pytest.raises(ConfigError, match="several widths"):
-        export_onnx(artifact, tmp_path / "onnx")
-    assert not (tmp_path / "onnx").exists()
+    out = export_onnx(artifact, tmp_path / "onnx", progress=False)
+    info = json.loads((out / "export.json").read_text())
+    cal = json.loads((artifact / "calibration.json").read_text())["mixed"]["modules"]
+    for layer in range(CFG.num_hidden_layers):
+        bits = {m["bits"] for n, m in cal.items() if n.startswith(f"model.layers.{layer}.")}
+        wide = 8 if max(bits) > 4 else 4
+        notes = info["layers"][layer]["experts"]
+        assert f"QMoE {wide}-bit block 32" in notes, notes
+        narrower = sorted(bits - {wide})
+        if narrower:
+            assert f"{'/'.join(map(str, narrower))}-bit codes widened to {wide} bits exactly" in notes, notes
+    model = load_model(artifact)
+    ids = torch.randint(0, CFG.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    decoder = OnnxDecoder(out)
+    got, _ = decoder.step(ids.numpy(), np.ones_like(ids.numpy()), decoder.empty_past(1))
+    with torch.no_grad():
+        want = model(ids).logits.numpy()
+    eight = any(m["bits"] == 8 for m in cal.values())  # 3.2e-6 measured with 2-, 3- and 4-bit experts only
+    assert np.abs(got - want).max() < (2e-2 if eight else 1e-4), np.abs(got - want).max()
 
 
 def test_dynamic_keys_are_exact_names() -> None:
@@ -236,3 +258,31 @@ def test_inspect_shows_each_experts_widths(mixed_run: tuple[Path, Path]) -> None
     assert "mixed precision" in text and "bits per expert linear (w1/w3/w2)" in text
     row = next(line for line in text.splitlines() if line.startswith("1 "))
     assert row.split()[1:] == ["/".join(map(str, inv.expert_widths[(1, e)])) for e in range(CFG.num_experts)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pareto_front_is_the_undominated_points(seed: int) -> None:
+    from mixtral_quant.eval.report import pareto_front
+
+    rng = random.Random(seed)
+    points = [(rng.random() * 8, rng.random() * 100) for _ in range(rng.randrange(1, 15))]
+    undominated = [i for i, (x, y) in enumerate(points)
+                   if not any(j != i and a <= x and b <= y for j, (a, b) in enumerate(points))]  # fmt: skip
+    assert pareto_front(points) == sorted(undominated, key=lambda i: points[i][0])
+
+
+def test_html_plot_marks_mixed_models_and_the_front() -> None:
+    from dataclasses import replace as copy_with
+
+    from test_eval_report import synthetic_report
+
+    from mixtral_quant.eval.report import html_page, ppl_vs_bits_svg
+
+    report = synthetic_report()
+    mixed_model = copy_with(report.variants[0], quantization={"quant_method": "gptq", "bits": 4,
+                                                              "dynamic": {"+:^x$": {"bits": 2}}})  # fmt: skip
+    report = copy_with(report, variants=[mixed_model, *report.variants[1:]])
+    plot = ppl_vs_bits_svg(report)
+    assert plot.count('<circle') == len(report.models)
+    assert plot.count('fill="#e15759"') == 1  # the one mixed model
+    assert 'class="pareto"' in plot and plot in html_page(report)

@@ -254,9 +254,30 @@ def _text(x: float, y: float, s: str, anchor: str = "start") -> str:
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}">{html.escape(s)}</text>'
 
 
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats: none with fewer or equal bits has a lower perplexity
+    (nor equal perplexity with fewer bits); in order of bits."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def is_mixed(m: ModelResult) -> bool:
+    """Whether the model's linears have several widths (GPTQModel's ``dynamic`` rules)."""
+    return bool(m.quantization and m.quantization.get("dynamic"))
+
+
 def ppl_vs_bits_svg(report: EvalReport) -> str:
-    """Scatter of perplexity against total bits per parameter, one labelled point per model."""
-    pts = [(m.memory.bits_per_parameter["total"] or 0.0, m.perplexity.ppl, m.name) for m in report.models]
+    """Perplexity against bits per expert parameter (per parameter of all weights for a model without
+    experts), one labelled point per model, mixed-width ones in their own colour, and the Pareto front:
+    the models no other beats on both."""
+    experts = all(m.memory.bits_per_parameter.get("experts") for m in report.models)
+    key = "experts" if experts else "total"
+    pts = [(m.memory.bits_per_parameter[key] or 0.0, m.perplexity.ppl, m.name, is_mixed(m)) for m in report.models]
     x0, x1 = 0.0, max(p[0] for p in pts) * 1.1 or 1.0
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
     y0, y1 = y0 - 0.1 * (y1 - y0 or y0), y1 + 0.1 * (y1 - y0 or y0)
@@ -268,16 +289,22 @@ def ppl_vs_bits_svg(report: EvalReport) -> str:
     body = [
         f'<line x1="{_PAD}" y1="{_H - _PAD}" x2="{_W - _PAD}" y2="{_H - _PAD}" stroke="black"/>',
         f'<line x1="{_PAD}" y1="{_PAD}" x2="{_PAD}" y2="{_H - _PAD}" stroke="black"/>',
-        _text(_W / 2, _H - 20, "bits per parameter (stored weights)", "middle"),
+        _text(_W / 2, _H - 20, f"bits per {'expert parameter' if experts else 'parameter'} (stored weights)",
+              "middle"),
         _text(10, _PAD - 15, "perplexity"),
+        _text(_W - _PAD, _PAD - 15, "blue: one width, red: mixed widths, dashed: Pareto front", "end"),
     ]
     for i in range(5):
         xv, yv = x0 + i * (x1 - x0) / 4, y0 + i * (y1 - y0) / 4
         body.append(_text(xy(xv, y0)[0], _H - _PAD + 15, f"{xv:.1f}", "middle"))
         body.append(_text(_PAD - 5, xy(x0, yv)[1], f"{yv:.{digits}f}", "end"))
-    for x, y, name in pts:
+    front = pareto_front([(x, y) for x, y, _, _ in pts])
+    line = " ".join("{:.1f},{:.1f}".format(*xy(pts[i][0], pts[i][1])) for i in front)
+    body.append(f'<polyline class="pareto" points="{line}" fill="none" stroke="#888" stroke-dasharray="4 3"/>')
+    for x, y, name, mixed in pts:
         px, py = xy(x, y)
-        body += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="#4e79a7"/>', _text(px + 6, py - 6, name)]
+        colour = "#e15759" if mixed else "#4e79a7"
+        body += [f'<circle cx="{px:.1f}" cy="{py:.1f}" r="4" fill="{colour}"/>', _text(px + 6, py - 6, name)]
     return _svg(body)
 
 
@@ -322,7 +349,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style></head><b
 <p>Dataset {html.escape(d["name"])}: {d["tokens"]} tokens ({html.escape(d["tokenization"])}).
 Settings: {html.escape(json.dumps(report.settings))}.</p>
 {_html_table(*summary_rows(report))}
-<h2>Perplexity against bits per parameter</h2>{ppl_vs_bits_svg(report)}
+<h2>Perplexity against bits per parameter: the Pareto front</h2>{ppl_vs_bits_svg(report)}
 <h2>Stored weights by component</h2>{memory_bars_svg(report)}
 {_html_table(*component_rows(report))}
 {"" if report.gate is None else "<h2>Regression gate</h2><pre>" + html.escape(gate_table(report.gate)) + "</pre>"}
