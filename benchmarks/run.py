@@ -4,7 +4,9 @@
     python -m benchmarks.run              # full: under 30 minutes; adds the 5.9 GB memory section
 
 Sections: quality (tiny model: our recipes vs transformers + bitsandbytes and RTN), awq (tiny model:
-AWQ vs round-to-nearest, AWQ + GPTQ vs GPTQ, ours vs GPTQModel's AWQ, on wiki-test and a held-out novel), quant speed
+AWQ vs round-to-nearest, AWQ + GPTQ vs GPTQ, ours vs GPTQModel's AWQ, on wiki-test and a held-out novel), mixed
+(tiny model: mixed-precision GPTQ under budgets of 2.5 / 3.0 / 3.5 bits per expert parameter vs every uniform
+assignment that fits the same bytes), quant speed
 (GPTQ / NF4 / int8 on Mixtral-8x7B expert shapes vs GPTQModel and bare bitsandbytes), memory
 (peak RSS quantizing a 2-layer Mixtral-8x7B-shaped checkpoint; full mode only), memory-gptq (the
 same for the shipped GPTQ recipe; full mode only, about 15 minutes) and decode
@@ -31,15 +33,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import awq, decode, decode_recipes, distributed, gguf, memory, quality, quant_speed
+from benchmarks import awq, decode, decode_recipes, distributed, gguf, memory, mixed, quality, quant_speed
 from benchmarks.table import Row, earlier_rows, machine, plain, write
 from mixtral_quant.checkpoint import DEFAULT_MODEL
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("quality", "awq", "quant-speed", "memory", "memory-gptq", "decode", "decode-recipes", "gguf", "distributed")
+SECTIONS = ("quality", "awq", "mixed", "quant-speed", "memory", "memory-gptq", "decode", "decode-recipes", "gguf",
+            "distributed")
 SECTION_NAMES = {
     "quality": quality.SECTION,
     "awq": awq.SECTION,
+    "mixed": mixed.SECTION,
     "quant-speed": quant_speed.SECTION,
     "memory": memory.SECTION,
     "memory-gptq": memory.SECTION_GPTQ,
@@ -86,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += quality.run(work / "quality", args.quick, _say)
         if "awq" in args.sections:
             rows += awq.run(work / "awq", args.quick, _say)
+        if "mixed" in args.sections:
+            rows += mixed.run(work / "mixed", args.quick, _say)
         if "quant-speed" in args.sections:
             rows += quant_speed.run(args.quick, _say)
         if "memory" in args.sections:

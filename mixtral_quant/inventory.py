@@ -5,6 +5,7 @@ Counted from the safetensors headers and the config alone, so it is instant on a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Inventory:
     shards: dict[str, int] = field(default_factory=dict)  # file name -> bytes on disk
     # a mixed-width artifact: (layer, expert) -> bits of w1, w3, w2, read from the stored codes' shapes
     expert_widths: dict[tuple[int, int], tuple[int, int, int]] = field(default_factory=dict)
+    tokens_per_expert: list[list[int]] = field(default_factory=list)  # calibration.json's, when there is one
 
     @property
     def total_params(self) -> int:
@@ -53,7 +55,18 @@ def inventory(folder: str | Path | None) -> Inventory:
         inv.shards = {f.name: f.stat().st_size for f in reader.files}
         if inv.quantization and inv.quantization.get("dynamic") and cfg.moe is not None:
             inv.expert_widths = _expert_widths(reader, cfg)
+            inv.tokens_per_expert = _tokens_per_expert(path)
     return inv
+
+
+def _tokens_per_expert(path: Path) -> list[list[int]]:
+    """The router's calibration slots per expert and layer, as quantize recorded them (none if unreadable)."""
+    try:
+        counts = json.loads((path / "calibration.json").read_text()).get("tokens_per_expert", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    ok = isinstance(counts, list) and all(isinstance(r, list) and all(type(n) is int for n in r) for r in counts)
+    return counts if ok else []
 
 
 def _expert_widths(reader: CheckpointReader, cfg: MixtralConfig) -> dict[tuple[int, int], tuple[int, int, int]]:
@@ -131,18 +144,28 @@ def format_inventory(inv: Inventory) -> str:
                  f"{inv.bits_per_param():>12.3f}")
     if inv.expert_widths:
         lines.append("")
-        lines.extend(format_expert_widths(inv.expert_widths))
+        lines.extend(format_expert_widths(inv.expert_widths, inv.tokens_per_expert))
     lines.append("")
     lines.append("by dtype   " + ", ".join(f"{k} {human_bytes(v)}" for k, v in sorted(inv.bytes_by_dtype.items())))
     lines.append("shards     " + ", ".join(f"{k} ({human_bytes(v)})" for k, v in inv.shards.items()))
     return "\n".join(lines)
 
 
-def format_expert_widths(widths: dict[tuple[int, int], tuple[int, int, int]]) -> list[str]:
-    """Bits of every expert's w1/w3/w2, a row per layer and a column per expert."""
+def format_expert_widths(widths: dict[tuple[int, int], tuple[int, int, int]], tokens: list[list[int]] | None = None
+                         ) -> list[str]:  # fmt: skip
+    """Bits of every expert's w1/w3/w2, a row per layer and a column per expert; with ``tokens`` (per layer,
+    per expert), each expert's share of the router's calibration slots beside its widths."""
     layers = sorted({i for i, _ in widths})
     experts = sorted({e for _, e in widths})
-    lines = ["bits per expert linear (w1/w3/w2)", "layer " + "".join(f"{'expert ' + str(e):>11}" for e in experts)]
+    shares = len(tokens or []) == len(layers) and all(len(r) == len(experts) for r in tokens or [])
+    title = "bits per expert linear (w1/w3/w2)" + (", share of the router's calibration slots" if shares else "")
+    lines = [title, "layer " + "".join(f"{'expert ' + str(e):>16}" for e in experts)]
     for i in layers:
-        lines.append(f"{i:<6}" + "".join(f"{'/'.join(map(str, widths[(i, e)])):>11}" for e in experts))
+        cells = []
+        for e in experts:
+            cell = "/".join(map(str, widths[(i, e)]))
+            if shares and tokens:
+                cell += f" {100 * tokens[i][e] / max(1, sum(tokens[i])):4.1f}%"
+            cells.append(f"{cell:>16}")
+        lines.append(f"{i:<6}" + "".join(cells))
     return lines

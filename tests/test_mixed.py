@@ -255,9 +255,12 @@ def test_inspect_shows_each_experts_widths(mixed_run: tuple[Path, Path]) -> None
         prefix = f"model.layers.{i}.block_sparse_moe.experts.{e}"
         assert bits == tuple(cal[f"{prefix}.{w}"]["bits"] for w in ("w1", "w3", "w2"))
     text = format_inventory(inv)
-    assert "mixed precision" in text and "bits per expert linear (w1/w3/w2)" in text
+    assert "mixed precision" in text and "bits per expert linear (w1/w3/w2), share of the router's" in text
+    counts = json.loads((artifact / "calibration.json").read_text())["tokens_per_expert"][1]
     row = next(line for line in text.splitlines() if line.startswith("1 "))
-    assert row.split()[1:] == ["/".join(map(str, inv.expert_widths[(1, e)])) for e in range(CFG.num_experts)]
+    want = [["/".join(map(str, inv.expert_widths[(1, e)])), f"{100 * counts[e] / sum(counts):.1f}%"]
+            for e in range(CFG.num_experts)]  # fmt: skip
+    assert row.split()[1:] == [x for pair in want for x in pair]
 
 
 @pytest.mark.parametrize("seed", range(5))
