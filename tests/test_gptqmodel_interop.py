@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -156,8 +157,9 @@ def test_gptqmodel_reads_a_mixed_artifacts_widths(
     widths = {v["bits"] for v in qc["dynamic"].values()}
     assert len(widths) >= 2 and qc["bits"] not in widths, qc["dynamic"]
     assert len(view["dynamic"]) == len(qc["dynamic"])
-    assert all(".mlp.experts." in k and ("gate_proj" in k or "up_proj" in k or "down_proj" in k)
-               for k in view["dynamic"])  # fmt: skip
+    names = [k.replace("\\", "") for k in view["dynamic"]]  # exact names, dots escaped
+    rule = r"\+:\^model\.layers\.\d\.mlp\.experts\.\d\.(gate|up|down)_proj\$"
+    assert all(re.fullmatch(rule, n) for n in names), names
 
 
 PROBE_AS_V2 = """
