@@ -10,6 +10,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import SMALL_MIXTRAL, save_model
@@ -289,3 +290,23 @@ def test_html_plot_marks_mixed_models_and_the_front() -> None:
     assert plot.count('<circle') == len(report.models)
     assert plot.count('fill="#e15759"') == 1  # the one mixed model
     assert 'class="pareto"' in plot and plot in html_page(report)
+
+
+def test_mixed_artifact_exports_to_gguf_q4_0_with_its_codes(mixed_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Symmetric 2/3/4-bit experts in groups of 32 are Q4_0 exactly (narrower codes widened); gguf-py's
+    dequantized experts equal each linear's own dequantized weight."""
+    from mixtral_quant.export.gguf import GGUFOptions, GGUFType, export_gguf
+    from mixtral_quant.export.gguf_read import gguf_weights
+
+    _, artifact = mixed_run
+    cal = json.loads((artifact / "calibration.json").read_text())["mixed"]["modules"]
+    if any(m["bits"] == 8 for m in cal.values()):
+        pytest.fail("the test's budget gave an expert 8 bits: Q4_0 cannot hold it exactly; lower the budget")
+    result = export_gguf(artifact, tmp_path / "m.gguf", GGUFOptions(GGUFType.Q4_0), progress=False)
+    assert result.record["mappings"]["experts"] == ["Q4_0 (exact)"]
+    theirs = gguf_weights(result.path, CFG)
+    with CheckpointReader(artifact) as reader:
+        for name, module in cal.items():
+            tensors = {s: reader.get(f"{name}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
+            want = dequantize_checkpoint(tensors, module["bits"]).numpy()
+            assert np.array_equal(theirs[f"{name}.weight"], want), name
