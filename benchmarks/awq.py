@@ -15,16 +15,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.gguf import tail_of
 from benchmarks.peer_awq import build_awq_peer
-from benchmarks.quality import _figures
+from benchmarks.quality import evaluate_on_texts, text_place
 from benchmarks.table import Row, Status
 from mixtral_quant.checkpoint import DEFAULT_MODEL
-from mixtral_quant.demo import head_of
-from mixtral_quant.eval.runner import evaluate
 from mixtral_quant.pipeline import quantize_model
-from mixtral_quant.recipe import CORPORA, load_recipe
-from mixtral_quant.tokenizer import Tokenizer
+from mixtral_quant.recipe import load_recipe
 
 SECTION = "awq"
 RECIPES = ("rtn-w4g128", "awq-w4g128", "gptq-w4g128", "awq-gptq-w4g128")
@@ -52,18 +48,10 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
         peer_note = f"skipped: {e}; pip install --no-deps -r scripts/gptqmodel-requirements.txt"
     except Exception as e:  # reported in its rows, not hidden
         peer_note = f"peer failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    tok = Tokenizer(DEFAULT_MODEL)
-    texts = {"wiki-test": head_of(CORPORA / "wiki-test.txt", tok, eval_tokens, work / "wiki-test-head.txt"),
-             "moby-dick": tail_of(CORPORA / "moby-dick.txt", tok, eval_tokens, work / "moby-dick-tail.txt")}
     rows: list[Row] = []
-    for text, path in texts.items():
-        say(f"awq: evaluate on {text} ({time.time() - t0:.0f}s)")
-        report = evaluate(list(folders.values()), DEFAULT_MODEL, str(path), 512, None, "cpu", work / f"report-{text}",
-                          progress=False)  # fmt: skip
-        figures = {name: _figures(report.variant(folder.name)) for name, folder in folders.items()}
-        where = (f"{eval_tokens} tokens of the {'head of wiki-test' if text == 'wiki-test' else 'tail of moby-dick'}"
-                 f", ctx 512; calibration: {samples} x 512 tokens of wiki-train for all; fp16 ppl "
-                 f"{report.baseline.perplexity.ppl:.4g}")
+    for text, report, figures in evaluate_on_texts(folders, work, eval_tokens, say, SECTION, t0):
+        where = (f"{text_place(text, eval_tokens)}; calibration: {samples} x 512 tokens of wiki-train for all; "
+                 f"fp16 ppl {report.baseline.perplexity.ppl:.4g}")
         for ours, peer in PAIRS:
             theirs = figures.get(peer, {})
             missing = Status.SKIPPED if peer_note.startswith("skipped") else Status.NOT_MEASURED

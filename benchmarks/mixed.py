@@ -17,15 +17,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gguf import tail_of
-from benchmarks.quality import _figures
+from benchmarks.quality import evaluate_on_texts, text_place
 from benchmarks.table import Row
 from mixtral_quant.checkpoint import DEFAULT_MODEL, CheckpointReader
-from mixtral_quant.demo import head_of
-from mixtral_quant.eval.runner import evaluate
 from mixtral_quant.pipeline import quantize_model
-from mixtral_quant.recipe import CORPORA, MixedPrecision, Recipe, load_recipe
-from mixtral_quant.tokenizer import Tokenizer
+from mixtral_quant.recipe import MixedPrecision, Recipe, load_recipe
 
 SECTION = "mixed"
 BUDGETS = (2.5, 3.0, 3.5)
@@ -61,19 +57,11 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
         say(f"mixed: quantize {name} (samples={samples}, {time.time() - t0:.0f}s)")
         folders[name] = quantize_model(DEFAULT_MODEL, recipe, work / name, overwrite=True, progress=False)
     size = {name: quantized_bytes(folder) for name, folder in folders.items()}
-    tok = Tokenizer(DEFAULT_MODEL)
-    texts = {"wiki-test": head_of(CORPORA / "wiki-test.txt", tok, eval_tokens, work / "wiki-test-head.txt"),
-             "moby-dick": tail_of(CORPORA / "moby-dick.txt", tok, eval_tokens, work / "moby-dick-tail.txt")}
     rows: list[Row] = []
-    for text, path in texts.items():
-        say(f"mixed: evaluate on {text} ({time.time() - t0:.0f}s)")
-        report = evaluate(list(folders.values()), DEFAULT_MODEL, str(path), 512, None, "cpu", work / f"report-{text}",
-                          progress=False)  # fmt: skip
-        figures = {name: _figures(report.variant(folder.name)) | {"bytes": size[name]}
-                   for name, folder in folders.items()}  # fmt: skip
-        where = (f"{eval_tokens} tokens of the {'head of wiki-test' if text == 'wiki-test' else 'tail of moby-dick'}"
-                 f", ctx 512; GPTQ g128 act-order, {samples} x 512 calibration tokens of wiki-train for all; "
-                 f"fp16 ppl {report.baseline.perplexity.ppl:.4g}")
+    for text, report, measured in evaluate_on_texts(folders, work, eval_tokens, say, SECTION, t0):
+        figures = {name: f | {"bytes": size[name]} for name, f in measured.items()}
+        where = (f"{text_place(text, eval_tokens)}; GPTQ g128 act-order, {samples} x 512 calibration tokens of "
+                 f"wiki-train for all; fp16 ppl {report.baseline.perplexity.ppl:.4g}")
         for budget in BUDGETS:
             ours = f"mixed-{budget}"
             fits = [n for n in folders if n.startswith("uniform-") and size[n] <= size[ours]]

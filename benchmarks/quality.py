@@ -58,6 +58,26 @@ def _figures(m: ModelResult) -> dict[str, Any]:
     }
 
 
+def evaluate_on_texts(folders: dict[str, Path], work: Path, tokens: int, say: Any, section: str, t0: float
+                      ) -> Iterator[tuple[str, EvalReport, dict[str, dict[str, Any]]]]:  # fmt: skip
+    """Every folder against the 16-bit model on ``tokens`` tokens of the head of wiki-test and of the tail
+    of the held-out novel moby-dick.txt, one lockstep pass per text: (text, report, figures by name)."""
+    from benchmarks.gguf import tail_of  # the gguf section's helper; imported here, where it is used
+
+    tok = Tokenizer(DEFAULT_MODEL)
+    texts = {"wiki-test": head_of(CORPORA / "wiki-test.txt", tok, tokens, work / "wiki-test-head.txt"),
+             "moby-dick": tail_of(CORPORA / "moby-dick.txt", tok, tokens, work / "moby-dick-tail.txt")}
+    for text, path in texts.items():
+        say(f"{section}: evaluate on {text} ({time.time() - t0:.0f}s)")
+        report = evaluate(list(folders.values()), DEFAULT_MODEL, str(path), 512, None, "cpu", work / f"report-{text}",
+                          progress=False)  # fmt: skip
+        yield text, report, {name: _figures(report.variant(folder.name)) for name, folder in folders.items()}
+
+
+def text_place(text: str, tokens: int) -> str:
+    return f"{tokens} tokens of the {'head of wiki-test' if text == 'wiki-test' else 'tail of moby-dick'}, ctx 512"
+
+
 def _peer_figures(ppl: float, base_ppl: float, c: Comparison, bits: float | None) -> dict[str, Any]:
     return {"ppl": ppl, "ppl/fp16": ppl / base_ppl, "KL": c.kl_mean,
             "router agree min": c.min_router_agreement, "bits/param": bits}  # fmt: skip

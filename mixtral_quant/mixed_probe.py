@@ -12,6 +12,7 @@ the mixed earlier ones, and its own errors are recorded beside these predictions
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from .loading import load_layer
 from .mixed import Choice, allocate
 from .model import Expert
 from .quant import HessianAccumulator
+from .quant.base import method_class
 from .recipe import Recipe
 
 
@@ -82,6 +84,31 @@ def _measure(lq: LayerQuantizer, names: list[str], acc: HessianAccumulator | Non
     lq.widths = {}
 
 
+def expert_parameters(cfg: MixtralConfig) -> int:
+    assert cfg.moe is not None
+    return 3 * cfg.hidden_size * cfg.intermediate_size * cfg.moe.num_local_experts * cfg.num_hidden_layers
+
+
+def check_budget(recipe: Recipe, cfg: MixtralConfig) -> None:
+    """Before anything is written: a model with experts, and a budget the narrowest width fits (ConfigError
+    naming the least budget that does)."""
+    mixed = recipe.mixed
+    assert mixed is not None
+    if cfg.moe is None:
+        raise ConfigError(f"recipe {recipe.name} allocates widths per expert: {cfg.model_type} has no experts")
+    narrow = recipe.quant.with_fields(bits=min(mixed.choices))
+    sizes = getattr(method_class(narrow.method_name), "stored_bytes", None)
+    if sizes is None:
+        return
+    m, i = cfg.hidden_size, cfg.intermediate_size
+    least = (2 * sizes(narrow, m, i) + sizes(narrow, i, m)) * cfg.moe.num_local_experts * cfg.num_hidden_layers
+    if least > int(mixed.budget_bits * expert_parameters(cfg) / 8):
+        bits = 8 * least / expert_parameters(cfg)
+        raise ConfigError(f"recipe {recipe.name}: budget_bits {mixed.budget_bits} is below what "
+                          f"{min(mixed.choices)}-bit experts store ({bits:.3f} bits per parameter with scales, "
+                          "zeros and g_idx): raise the budget or add a narrower choice")
+
+
 def plan_widths(reader: CheckpointReader, cfg: MixtralConfig, recipe: Recipe, h: torch.Tensor,
                 device: torch.device, chunk: int = 8, progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """The widths of a ``[mixed]`` recipe: measured (:func:`probe_costs`), then allocated under the byte
@@ -89,10 +116,9 @@ def plan_widths(reader: CheckpointReader, cfg: MixtralConfig, recipe: Recipe, h:
     when ``attention_bits`` differs from ``bits``), every choice's ``costs`` and ``bytes``, the budget."""
     mixed = recipe.mixed
     assert mixed is not None
-    if cfg.moe is None:
-        raise ConfigError(f"recipe {recipe.name} allocates widths per expert: {cfg.model_type} has no experts")
+    check_budget(recipe, cfg)
     choices = probe_costs(reader, cfg, recipe, h, device, chunk, progress)
-    params = 3 * cfg.hidden_size * cfg.intermediate_size * cfg.moe.num_local_experts * cfg.num_hidden_layers
+    params = expert_parameters(cfg)
     budget = int(mixed.budget_bits * params / 8)
     picked = allocate(choices, budget)
     widths = {name: c.bits for name, c in picked.items()}
@@ -132,8 +158,10 @@ def mixed_record(plan: dict[str, Any], reports: list[LayerReport], recipe: Recip
         "budget_bytes": plan["budget_bytes"],
         "stored_bytes": stored,
         "bits_per_expert_parameter": round(8 * stored / plan["expert_parameters"], 4),
-        "predicted_cost": sum(m["predicted_cost"] for m in modules.values()),
-        "measured_cost": sum(m["measured_cost"] for m in modules.values()),
-        "modules": modules,
+        # exactly rounded sums: a resumed run reads its first layers' reports back in another order
+        "predicted_cost": math.fsum(m["predicted_cost"] for m in modules.values()),
+        "measured_cost": math.fsum(m["measured_cost"] for m in modules.values()),
+        "modules": dict(sorted(modules.items())),
         "costs": plan["costs"],
+        "bytes": plan["bytes"],
     }

@@ -46,7 +46,7 @@ from .distributed import Ranks, ranks_from_env
 from .errors import IntegrityError, MixtralQuantError
 from .hf_tokenizer import write_tokenizer_files
 from .loading import check_checkpoint, load_layer, load_linears
-from .mixed_probe import mixed_record, plan_widths
+from .mixed_probe import check_budget, mixed_record, plan_widths
 from .quant import get_method
 from .quant.scheme import dynamic_entry
 from .recipe import Recipe
@@ -165,6 +165,8 @@ def _prepare(src: Path, recipe: Recipe, out: Path, resume: bool, overwrite: bool
     check(cfg.intermediate_size, cfg.hidden_size)
     check(cfg.hidden_size, cfg.num_key_value_heads * cfg.head_dim)
     check(cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
+    if recipe.mixed is not None:
+        check_budget(recipe, cfg)
     if not (src / "tokenizer.model").is_file():
         raise MixtralQuantError(f"{src} has no tokenizer.model: calibration text must be tokenized with the "
                                 "model's own tokenizer; copy it into the folder")

@@ -12,7 +12,7 @@ statistics, and which components stay 16-bit. Unknown keys and impossible values
     [keep]         components = ["router", "embeddings", "norms"]   (lm_head counts as embeddings)
     [mixed]        budget_bits (stored bits per expert parameter, scales and zeros included), choices
                    (candidate widths, default [2, 3, 4, 8]), attention_bits (default: [quant] bits);
-                   GPTQ and RTN only: a width per expert linear from its measured error and its
+                   GPTQ, RTN and AWQ: a width per expert linear from its measured error and its
                    expert's share of the tokens (mixtral_quant/mixed.py)
 """
 
@@ -76,7 +76,7 @@ class ExpertCalibration:
     fallback: Fallback = Fallback.RTN
 
 
-MIXED_METHODS = ("gptq", "rtn")  # methods whose widths a [mixed] section may vary
+MIXED_METHODS = ("gptq", "rtn", "awq", "awq-gptq")  # methods whose widths a [mixed] section may vary
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def _mixed(section: Any, quant: QuantConfig, name: str) -> MixedPrecision:
     if "budget_bits" not in t:
         raise ConfigError(f"recipe {name}: [mixed] needs budget_bits (stored bits per expert parameter)")
     if quant.method_name not in MIXED_METHODS:
-        raise ConfigError(f"recipe {name}: [mixed] works on {' and '.join(MIXED_METHODS)} recipes, "
+        raise ConfigError(f"recipe {name}: [mixed] works on {', '.join(MIXED_METHODS)} recipes, "
                           f"not {quant.method_name}")
     choices = t.get("choices", list(MixedPrecision.choices))
     if not isinstance(choices, list) or not all(type(b) is int for b in choices):

@@ -98,7 +98,7 @@ def test_mixed_section_is_read_and_checked() -> None:
     plain = recipe("gptq", "")
     assert "mixed" not in plain.to_dict()  # type: ignore[attr-defined]
     for method, section, message in (
-        ("nf4", "[mixed]\nbudget_bits = 3.0\n", "works on gptq and rtn"),
+        ("nf4", "[mixed]\nbudget_bits = 3.0\n", "works on gptq, rtn, awq, awq-gptq recipes"),
         ("gptq", "[mixed]\nchoices = [2, 4]\n", "needs budget_bits"),
         ("gptq", "[mixed]\nbudget_bits = 3.0\nchoices = [2, 5]\n", "cannot store 5-bit"),
         ("gptq", "[mixed]\nbudget_bits = 3.0\nchoices = [4, 4]\n", "different widths"),
@@ -133,13 +133,15 @@ choices = [2, 3, 4, 8]
 """
 
 
-@pytest.fixture(scope="module")
-def mixed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    work = tmp_path_factory.mktemp("mixed")
+@pytest.fixture(scope="module", params=["gptq", "awq"])
+def mixed_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The small model quantized by a [mixed] recipe on GPTQ, and on AWQ (whose folded norms and router
+    are stored beside the codes)."""
+    work = tmp_path_factory.mktemp(f"mixed-{request.param}")
     source = save_model(new_model(CFG, seed=7), work / "model")
     (source / "tokenizer.model").write_bytes((DEFAULT_MODEL / "tokenizer.model").read_bytes())
     recipe_file = work / "mixed.toml"
-    recipe_file.write_text(MIXED.format(method="gptq", budget=3.0))
+    recipe_file.write_text(MIXED.format(method=request.param, budget=3.0))
     return source, quantize_model(source, load_recipe(recipe_file), work / "out", progress=False)
 
 
@@ -178,12 +180,17 @@ def test_mixed_artifact_fits_its_budget_and_says_each_width(mixed_run: tuple[Pat
 
 def test_mixed_artifact_loads_with_each_linear_at_its_width(mixed_run: tuple[Path, Path]) -> None:
     """load_model's linears are each linear's codes dequantized at the width its qweight shape says, and its
-    logits those of the float model with those weights put in."""
+    logits those of the float model with those weights put in (and the artifact's float tensors: AWQ's
+    folded norms and router)."""
     source, artifact = mixed_run
     model = load_model(artifact)
     reference = load_model(source)
     widths = set()
     with CheckpointReader(artifact) as reader:
+        floats = reference.state_dict()
+        for name in reader.names:
+            if name in floats:
+                floats[name].copy_(reader.get(name))
         for name, module in model.named_modules():
             if not isinstance(module, DequantLinear):
                 continue
@@ -310,3 +317,50 @@ def test_mixed_artifact_exports_to_gguf_q4_0_with_its_codes(mixed_run: tuple[Pat
             tensors = {s: reader.get(f"{name}.{s}") for s in ("qweight", "qzeros", "scales", "g_idx")}
             want = dequantize_checkpoint(tensors, module["bits"]).numpy()
             assert np.array_equal(theirs[f"{name}.weight"], want), name
+
+
+def test_mixed_run_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """The widths are part of the commit point: a run stopped after its first layer and resumed (no
+    second measuring pass) ends with the bytes of an uninterrupted one."""
+    from mixtral_quant.errors import MixtralQuantError
+
+    source = save_model(new_model(CFG, seed=5), tmp_path / "model")
+    (source / "tokenizer.model").write_bytes((DEFAULT_MODEL / "tokenizer.model").read_bytes())
+    recipe_file = tmp_path / "mixed.toml"
+    recipe_file.write_text(MIXED.format(method="rtn", budget=3.0))
+    recipe = load_recipe(recipe_file)
+    whole = quantize_model(source, recipe, tmp_path / "whole", progress=False)
+    with pytest.raises(MixtralQuantError, match="stopped after layer 1"):
+        quantize_model(source, recipe, tmp_path / "resumed", progress=False, stop_after=1)
+    state = json.loads((tmp_path / "resumed.partial" / "state.json").read_text())
+    assert state["layers_done"] == 1 and state["mixed"]["widths"]
+    resumed = quantize_model(source, recipe, tmp_path / "resumed", progress=False, resume=True)
+    for f in sorted(whole.iterdir()):
+        if f.suffix in (".safetensors", ".json") and f.name not in ("run_log.json", "manifest.json"):
+            assert f.read_bytes() == (resumed / f.name).read_bytes(), f.name
+
+
+def test_a_budget_below_the_narrowest_width_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """2-bit codes in groups of 32 store 2.56+ bits per parameter with their scales, zeros and g_idx."""
+    source = save_model(new_model(CFG, seed=5), tmp_path / "model")
+    (source / "tokenizer.model").write_bytes((DEFAULT_MODEL / "tokenizer.model").read_bytes())
+    recipe_file = tmp_path / "mixed.toml"
+    recipe_file.write_text(MIXED.format(method="gptq", budget=2.5))
+    with pytest.raises(ConfigError, match=r"budget_bits 2.5 is below what 2-bit experts store \(2\.\d+ bits"):
+        quantize_model(source, load_recipe(recipe_file), tmp_path / "out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixed.toml", "model"]
+
+
+def test_stored_bytes_formula_is_what_quantize_stores(mixed_run: tuple[Path, Path]) -> None:
+    from mixtral_quant.quant import QuantConfig
+    from mixtral_quant.quant.gptq_method import GPTQLayout
+
+    _, artifact = mixed_run
+    cal = json.loads((artifact / "calibration.json").read_text())["mixed"]
+    assert len(cal["bytes"]) == len(cal["modules"])
+    for name, by_width in cal["bytes"].items():
+        in_f, out_f = (CFG.intermediate_size, CFG.hidden_size) if name.endswith("w2") else (CFG.hidden_size,
+                                                                                             CFG.intermediate_size)
+        for bits, nbytes in by_width.items():
+            config = QuantConfig.of("gptq", bits=int(bits), group_size=32)
+            assert GPTQLayout.stored_bytes(config, in_f, out_f) == nbytes, (name, bits)

@@ -138,6 +138,15 @@ class GPTQLayout:
     allowed_bits = frozenset({2, 3, 4, 8})
     native_bits = 4
 
+    @staticmethod
+    def stored_bytes(config: QuantConfig, in_features: int, out_features: int) -> int:
+        """Bytes a ``[out, in]`` linear stores: qweight and qzeros (int32 words of ``bits``-bit codes),
+        fp16 scales per group and output, int32 g_idx per input."""
+        groups = in_features // config.group_size_for(in_features)
+        bits = config.bits
+        return 4 * (in_features * bits // 32 * out_features + groups * (out_features * bits // 32) + in_features) \
+            + 2 * groups * out_features
+
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
 
