@@ -1,7 +1,7 @@
 """mixtral-quant benchmarks: one table of ours-against-a-peer rows, measured in one run.
 
     python -m benchmarks.run --quick      # under 5 minutes on a 2-core CPU
-    python -m benchmarks.run              # full: under 30 minutes; adds the 5.9 GB memory section
+    python -m benchmarks.run              # full: about 40 minutes; adds the 5.9 GB memory section
 
 Sections: quality (tiny model: our recipes vs transformers + bitsandbytes and RTN), awq (tiny model:
 AWQ vs round-to-nearest, AWQ + GPTQ vs GPTQ, ours vs GPTQModel's AWQ, on wiki-test and a held-out novel), mixed
