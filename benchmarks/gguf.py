@@ -43,6 +43,10 @@ OURS = {  # label -> (recipe, GGUF type)
     "gptq-q4_k -> Q4_K (ours)": ("gptq-q4_k", GGUFType.Q4_K),
 }
 CTX = 512
+# llama.cpp's generic CPU kernels, weights as the file stores them: without it the repacked AMX path of this
+# llama.cpp crashes (SIGSEGV) on CPUs with AMX (measured: llama-perplexity exit 139 on a Q4_0 file of the
+# tiny model; 290.999 with the flag), and the figures would depend on the machine's repacking.
+PLAIN_KERNELS = "--no-repack"
 PEERS = {  # label -> (llama-quantize type, with the importance matrix)
     "llama-quantize Q4_0 + imatrix": ("Q4_0", True),
     "llama-quantize Q4_K_M + imatrix": ("Q4_K_M", True),
@@ -71,7 +75,7 @@ def _run(argv: list[Any]) -> str:
 
 
 def llama_ppl(tools: dict[str, Path], model: Path, text: Path) -> float:
-    out = _run([tools["llama-perplexity"], "-m", model, "-f", text, "-c", CTX, "-b", CTX, "-t", "2"])
+    out = _run([tools["llama-perplexity"], "-m", model, "-f", text, "-c", CTX, "-b", CTX, "-t", "2", PLAIN_KERNELS])
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out)
     if m is None:
         raise RuntimeError(f"llama-perplexity printed no final estimate for {model.name}")
@@ -114,7 +118,7 @@ def run(work: Path, quick: bool, say: Any) -> list[Row]:
     say(f"gguf: llama-imatrix on {samples} chunks of wiki-train ({time.time() - t0:.0f}s)")
     imatrix = work / "imatrix.gguf"
     _run([tools["llama-imatrix"], "-m", f32, "-f", CORPORA / "wiki-train.txt", "-o", imatrix, "-c", CTX,
-          "--chunks", samples, "-t", "2"])
+          "--chunks", samples, "-t", "2", PLAIN_KERNELS])
     for label, (ftype, use_imatrix) in PEERS.items():
         out = work / f"{ftype}{'-imatrix' if use_imatrix else ''}.gguf"
         _run([tools["llama-quantize"], *(["--imatrix", imatrix] if use_imatrix else []), f32, out, ftype, "2"])
