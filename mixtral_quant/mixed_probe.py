@@ -31,13 +31,6 @@ from .quant.base import method_class
 from .recipe import Recipe
 
 
-def expert_linears(cfg: MixtralConfig) -> list[str]:
-    """Every expert linear of the model by its full name."""
-    assert cfg.moe is not None
-    return [f"model.layers.{i}.block_sparse_moe.experts.{e}.{w}" for i in range(cfg.num_hidden_layers)
-            for e in range(cfg.moe.num_local_experts) for w in ("w1", "w2", "w3")]  # fmt: skip
-
-
 def probe_costs(reader: CheckpointReader, cfg: MixtralConfig, recipe: Recipe, h: torch.Tensor,
                 device: torch.device, chunk: int = 8, progress: bool = True) -> dict[str, list[Choice]]:  # fmt: skip
     """Each expert linear's choices (width, stored bytes, cost), from the float model's activations ``h``
@@ -115,8 +108,7 @@ def plan_widths(reader: CheckpointReader, cfg: MixtralConfig, recipe: Recipe, h:
     budget (:func:`~mixtral_quant.mixed.allocate`). JSON: ``widths`` (full name -> bits, attention too
     when ``attention_bits`` differs from ``bits``), every choice's ``costs`` and ``bytes``, the budget."""
     mixed = recipe.mixed
-    assert mixed is not None
-    check_budget(recipe, cfg)
+    assert mixed is not None  # and check_budget passed before anything was written
     choices = probe_costs(reader, cfg, recipe, h, device, chunk, progress)
     params = expert_parameters(cfg)
     budget = int(mixed.budget_bits * params / 8)

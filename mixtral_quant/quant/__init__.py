@@ -67,7 +67,7 @@ def read_scheme(entry: Mapping[str, Any]) -> Scheme:
             try:
                 scheme.base.with_fields(**rule.settings)
             except (TypeError, ValueError) as e:
-                raise ConfigError(f"quantization_config dynamic rule {rule.pattern!r}: {e}") from None
+                raise ConfigError(f"quantization_config dynamic rule {rule.pattern.pattern!r}: {e}") from None
     return scheme
 
 

@@ -23,7 +23,7 @@ OVERRIDABLE = ("bits", "group_size")  # the settings a rule may replace
 
 @dataclass(frozen=True)
 class Rule:
-    pattern: str
+    pattern: re.Pattern[str]
     skip: bool  # "-:": the module stays float
     settings: Mapping[str, Any]
 
@@ -34,6 +34,7 @@ class Scheme:
 
     base: QuantConfig
     rules: tuple[Rule, ...] = ()
+    _configs: dict[int, QuantConfig | None] = field(default_factory=dict, repr=False)  # rule index -> settings
     _methods: dict[QuantConfig, Method] = field(default_factory=dict, repr=False)
 
     @property
@@ -42,10 +43,12 @@ class Scheme:
 
     def config_for(self, module: str) -> QuantConfig | None:
         """The settings of the linear ``module`` (a full name, ``model.layers.0.self_attn.q_proj``);
-        None when a rule leaves it float."""
-        for rule in self.rules:
-            if re.match(rule.pattern, module):
-                return None if rule.skip else self.base.with_fields(**rule.settings)
+        None when a rule leaves it float. Each rule's settings are built once."""
+        for k, rule in enumerate(self.rules):
+            if rule.pattern.match(module):
+                if k not in self._configs:
+                    self._configs[k] = None if rule.skip else self.base.with_fields(**rule.settings)
+                return self._configs[k]
         return self.base
 
     def method_for(self, module: str) -> Method | None:
@@ -56,9 +59,6 @@ class Scheme:
         if config not in self._methods:
             self._methods[config] = method_class(config.method_name)(config)
         return self._methods[config]
-
-    def widths(self) -> set[int]:
-        return {self.base.bits, *(int(r.settings.get("bits", self.base.bits)) for r in self.rules if not r.skip)}
 
 
 def read_rules(entry: Mapping[str, Any]) -> tuple[Rule, ...]:
@@ -71,13 +71,13 @@ def read_rules(entry: Mapping[str, Any]) -> tuple[Rule, ...]:
         skip = key.startswith("-:")
         pattern = key[2:] if key.startswith(("+:", "-:")) else key
         try:
-            re.compile(pattern)
+            compiled = re.compile(pattern)  # once: a Mixtral-8x7B artifact may hold hundreds of rules
         except re.error as e:
             raise ConfigError(f"quantization_config dynamic rule {key!r} is not a regular expression ({e})") from None
         if not isinstance(settings, Mapping) or set(settings) - set(OVERRIDABLE):
             raise ConfigError(f"quantization_config dynamic rule {key!r}: only {', '.join(OVERRIDABLE)} may "
                               f"change per module, got {settings!r}")  # fmt: skip
-        rules.append(Rule(pattern, skip, dict(settings)))
+        rules.append(Rule(compiled, skip, dict(settings)))
     return tuple(rules)
 
 
